@@ -1,0 +1,53 @@
+"""Shared fixtures: a small exact mixture and a tiny random diffusers UNet, both float64."""
+
+import pytest
+import torch
+
+import sagkit as sk
+
+
+def tiny_unet(channels=(8, 16), sample_size=8, seed=0, **config):
+    """A randomly initialised diffusers UNet2DModel small enough for CPU tests."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels),
+        norm_num_groups=4,
+        **config,
+    )
+
+
+@pytest.fixture(scope="session")
+def scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+
+@pytest.fixture
+def unet_model(scheduler):
+    """A tiny random UNet2DModel as a float64 model of the protocol, input (B, 1, 8, 8)."""
+    return sk.DiffusersModel(tiny_unet().double().eval(), scheduler)
+
+
+@pytest.fixture
+def mixture():
+    """A 3-component Gaussian mixture on 2×2 images, float64, linear schedule."""
+    means = torch.tensor(
+        [[[1.0, -0.5], [0.3, 0.8]], [[-1.0, 0.2], [0.5, -0.7]], [[0.0, 0.9], [-0.8, 0.1]]]
+    )
+    return sk.GaussianMixture(
+        means[:, None].double(), 0.3, sk.VPSchedule.linear(), weights=[0.5, 0.3, 0.2]
+    )
+
+
+@pytest.fixture
+def digits_mixture():
+    return sk.GaussianMixture.digits(n_components=64)
