@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv lab report test lint format notebooks-test unit-test bench clean
+.PHONY: venv lab report test lint format notebooks-test unit-test bench browser clean
 
 $(BIN)/sagkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,13 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-unit-test: venv
+# Debian's Chromium for the JupyterLab browser test (a browser downloaded by a test tool will
+# not install here). Without root or apt the test is skipped outside CI.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the browser test will be skipped"
+
+unit-test: venv browser
 	$(BIN)/pytest -q tests
 
 notebooks-test: venv
