@@ -1,0 +1,57 @@
+"""The benchmark and the command line."""
+
+import json
+
+import pytest
+
+import sagkit as sk
+from sagkit.bench import format_table, resolve_device, run_benchmark
+from sagkit.cli import build_parser, main
+
+
+def test_bench_json_smoke(capsys):
+    assert main(["bench", "--ns", "2", "4", "--json", "--repeats", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["n"], r["method"]) for r in rows} == {(n, m) for n in (2, 4) for m in sk.METHODS}
+    by = {(r["n"], r["method"]): r for r in rows}
+    for n in (2, 4):
+        assert by[n, "backprop"]["time_rel"] == 1.0
+        assert by[n, "backprop"]["model_calls"] == n
+        assert by[n, "symplectic"]["rel_err_exact"] < 1e-5  # float32
+        assert by[n, "symplectic"]["saved_bytes"] < by[n, "backprop"]["saved_bytes"]
+        assert by[n, "backprop"]["cuda_peak_bytes"] is None or by[n, "backprop"]["device"] != "cpu"
+
+
+def test_bench_table_on_the_mixture(capsys):
+    assert main(["bench", "--model", "mixture", "--dtype", "float64", "--ns", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "model=mixture dtype=float64" in out
+    for method in sk.METHODS:
+        assert method in out
+
+
+def test_run_benchmark_rows_and_errors(monkeypatch):
+    odd = sk.Tableau("zero-weight", a=((), (0.5,)), b=(1.0, 0.0), c=(0.0, 0.5), order=1)
+    monkeypatch.setitem(sk.SOLVERS, odd.name, odd)
+    rows = run_benchmark(
+        "mixture", "float64", ns=(2,), solver=odd.name, methods=["backprop", "symplectic"],
+        repeats=1, progress=False,
+    )  # fmt: skip
+    assert rows[0]["rel_err_exact"] == 0.0 and "error" not in rows[0]
+    assert "b_i nonzero" in rows[1]["error"]
+    assert "n/a" in format_table(rows)
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_benchmark("mixture", methods=["magic"])
+    with pytest.raises(ValueError, match="unknown benchmark model"):
+        run_benchmark("vae")
+
+
+def test_cli_structure():
+    assert main([]) == 2  # no subcommand: help
+    args = build_parser().parse_args(["bench"])
+    assert args.model == "unet" and args.dtype == "float32" and args.ns == [8, 16, 64]
+    assert args.solver == "ddim" and args.device == "auto" and not args.json
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--model", "vae"])
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
