@@ -2,6 +2,7 @@
 
     sagkit bench [--model mixture|unet] [--dtype float32|float64] [--ns 8 16 64] [--solver ddim]
                  [--device auto|cpu|cuda] [--json]
+    sagkit report [--fast] [--out DIR] [--sections NAME ...] [--device cpu|cuda]
 
 A subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
 ``func``, a callable taking the parsed arguments and returning an exit status; list it in
@@ -56,7 +57,34 @@ def add_bench(subparsers) -> None:
     p.set_defaults(func=_bench)
 
 
-SUBCOMMANDS = [add_bench]
+def _report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.out, fast=args.fast, sections=args.sections, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_report(subparsers) -> None:
+    from .report import SECTIONS
+
+    p = subparsers.add_parser(
+        "report",
+        help="run the headline experiments and write PNG figures and report.md",
+        description="Run the headline experiments (misalignment, gradient error per method, "
+        "memory against n, the guidance table, the AdjointDEIS orders) and write PNG figures and "
+        "a report.md that embeds them.",
+    )
+    p.add_argument("--fast", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS), default=None, help="default: all"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    p.set_defaults(func=_report)
+
+
+SUBCOMMANDS = [add_bench, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,9 @@
    decoder and s its ``scaling_factor``. Every gradient engine differentiates through D.
 2. Text-to-image models are sampled with classifier-free guidance; inside an n-step estimate
    the guided ε̃ = ε_u + w (ε_c − ε_u) must be used too, or the estimate is not the image the
-   sampler will make. :func:`latent_model` wraps the UNet so that every solve, estimate and
-   gradient sees ε̃.
+   sampler will make. :class:`TextConditionedModel` carries the negative-prompt embeddings as
+   its ``null_cond``, so :func:`sagkit.guided_sample` (with ``cond`` and ``cfg_scale``) and
+   :class:`sagkit.ClassifierFreeGuidance` build ε̃ for every solve, estimate and gradient.
 
 See docs/latent_diffusion.md for the recipe on a real pipeline.
 """
@@ -16,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from .models import ClassifierFreeGuidance, DiffusersModel
+from .models import DiffusersModel
 
-__all__ = ["decoded_loss", "latent_model"]
+__all__ = ["decoded_loss", "TextConditionedModel"]
 
 
 def decoded_loss(vae, image_loss: Callable, scaling_factor: float | None = None) -> Callable:
@@ -37,14 +38,21 @@ def decoded_loss(vae, image_loss: Callable, scaling_factor: float | None = None)
     return loss
 
 
-def latent_model(unet, scheduler, negative_embeds: torch.Tensor, guidance_scale: float = 7.5):
-    """A ``UNet2DConditionModel`` under classifier-free guidance, as a model of the protocol.
+class TextConditionedModel(DiffusersModel):
+    """A ``UNet2DConditionModel`` with its unconditional (negative-prompt) embeddings.
 
     Args:
         unet: the pipeline's UNet.
         scheduler: the pipeline's scheduler (its ``alphas_cumprod`` define the schedule).
-        negative_embeds: (1, L, D) text embeddings of the empty / negative prompt.
-        guidance_scale: w.
-    Call it with ``cond`` = the prompt embeddings (B, L, D).
+        negative_embeds: (1, L, D) text embeddings of the empty or negative prompt, kept as
+            ``null_cond``.
+    ``eps(x, t, cond)`` takes the prompt embeddings (B, L, D) as ``cond``.
     """
-    return ClassifierFreeGuidance(DiffusersModel(unet, scheduler), negative_embeds, guidance_scale)
+
+    def __init__(self, unet, scheduler, negative_embeds: torch.Tensor):
+        super().__init__(unet, scheduler)
+        if negative_embeds.ndim != 3 or negative_embeds.shape[0] != 1:
+            raise ValueError(
+                f"negative_embeds must have shape (1, L, D), got {tuple(negative_embeds.shape)}"
+            )
+        self.register_buffer("null_cond", negative_embeds.detach().clone())
