@@ -144,7 +144,7 @@ def train_unet(
 
 def train_classifier(
     out,
-    steps: int = 1500,
+    steps: int = 1000,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 2e-3,
@@ -212,8 +212,17 @@ def main(argv=None) -> None:
     if args.evaluate:
         model = load_pretrained("digits", path=args.out / "digits-unet")
         classifier = load_classifier("digits", path=args.out / "digits-classifier")
-        for key, value in evaluate_digits(model, classifier, seed=args.seed).items():
-            print(f"{key}: accuracy {value['accuracy']:.4f}, feature FD {value['fd']:.3f}")
+        results = evaluate_digits(model, classifier, seed=args.seed)
+        heldout = results.pop("heldout")
+        print(
+            f"held-out data: classifier accuracy {heldout['accuracy']:.4f}, "
+            f"feature FD floor (training vs held-out) {heldout['fd']:.3f}"
+        )
+        for key, value in results.items():
+            print(
+                f"samples {key}: classifier accuracy {value['accuracy']:.4f}, "
+                f"feature FD to held-out {value['fd']:.3f}"
+            )
 
 
 if __name__ == "__main__":
