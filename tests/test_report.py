@@ -1,0 +1,40 @@
+"""sagkit report and the command line."""
+
+import re
+
+import pytest
+
+from sagkit.cli import main
+from sagkit.report import SECTIONS, write_report
+
+
+def test_report_writes_markdown_with_every_figure(tmp_path):
+    path = write_report(tmp_path, fast=True, sections=["misalignment", "adjointdeis"], device="cpu")
+    text = path.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 2
+    for name in images:
+        png = tmp_path / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| t | n=1 | n=2 | n=4 | n=8 |" in text and "slope" in text
+
+
+def test_report_rejects_unknown_sections(tmp_path):
+    with pytest.raises(ValueError, match="unknown report sections"):
+        write_report(tmp_path, sections=["nope"])
+
+
+def test_cli_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "bench" in out and "report" in out
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert "--fast" in out and all(name in out for name in SECTIONS)
+
+
+def test_cli_without_a_command_fails(capsys):
+    assert main([]) == 2
