@@ -66,9 +66,13 @@ def _check_batch(x: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
-def _image_shape(classifier, default=(1, 16, 16)) -> tuple[int, ...]:
-    """The classifier's input shape (C, H, W), from ``classifier.image_shape`` when it has one."""
-    return tuple(getattr(classifier, "image_shape", default))
+def _on_reference(fn, ref: torch.Tensor):
+    """``fn(ref)`` without a graph; a ``ValueError`` of the classifier (wrong size) names the reference."""
+    try:
+        with torch.no_grad():
+            return fn(ref)
+    except ValueError as err:
+        raise ValueError(f"reference does not fit the classifier: {err}") from None
 
 
 def target_class(classifier, label) -> Loss:
@@ -107,9 +111,8 @@ def style(classifier, reference, layers=None) -> Loss:
         reference: the style image, (C, H, W) or (1, C, H, W).
         layers: indices into ``feature_maps`` to use; all by default.
     """
-    ref = check_reference(reference, "reference", _image_shape(classifier))
-    with torch.no_grad():
-        maps = classifier.feature_maps(ref)
+    ref = check_reference(reference)
+    maps = _on_reference(classifier.feature_maps, ref)
     chosen = list(range(len(maps))) if layers is None else list(layers)
     if not chosen or any(not -len(maps) <= i < len(maps) for i in chosen):
         raise ValueError(f"layers must index the {len(maps)} feature maps, got {layers!r}")
@@ -131,9 +134,8 @@ def feature_match(classifier, reference) -> Loss:
 
     The identity loss of FreeDoM and SAG (there with a face-recognition network's embedding).
     """
-    ref = check_reference(reference, "reference", _image_shape(classifier))
-    with torch.no_grad():
-        target = classifier.features(ref).detach()
+    ref = check_reference(reference)
+    target = _on_reference(classifier.features, ref)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         _check_batch(x, ref)
@@ -143,10 +145,11 @@ def feature_match(classifier, reference) -> Loss:
 
 
 def masked_reconstruction(reference, mask) -> Loss:
-    """L(x) = Σ m (x − ref)² / Σ m over the pixels, the mean squared error where the mask is on, (B,).
+    """L(x) = ‖m ⊙ (x − ref)‖², the squared error on the observed pixels, (B,).
 
-    Inpainting as guidance (FreeDoM's and DPS's linear inverse problems, y = m ⊙ x_0). With
-    ‖y − A x̂0‖² = L · Σ m, DPS's step ζ/‖y − A x̂0‖ is ζ/sqrt(L) up to a constant.
+    Inpainting as guidance: the linear inverse problem y = m ⊙ x_0 of DPS (Chung et al. 2023)
+    and FreeDoM, in DPS's form ‖y − A x̂0‖², so DPS's step ζ/‖y − A x̂0‖ = ζ/sqrt(L) keeps the
+    published meaning of ζ.
 
     Args:
         reference: the image, (C, H, W) or (1, C, H, W).
@@ -166,7 +169,6 @@ def masked_reconstruction(reference, mask) -> Loss:
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         _check_batch(x, ref)
-        m = mask.to(x)
-        return (m * (x - ref.to(x)) ** 2).flatten(1).sum(1) / m.sum()
+        return (mask.to(x) * (x - ref.to(x))).pow(2).flatten(1).sum(1)
 
     return loss

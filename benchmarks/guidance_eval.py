@@ -1,0 +1,91 @@
+"""Print the training-free guidance table: none, FreeDoM, DPS and SAG (n = 1, 2, 4, 8).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 40 steps, ≈ 15 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --steps 20 --num-samples 16
+
+Uses the shipped digits UNet and classifier (``sk.load_pretrained("digits")``,
+``sk.load_classifier("digits")``) and :func:`sagkit.evaluation.evaluate_guidance`. With
+``--json PATH`` the rows (without per-sample values) are also written there; keep results in
+the git-ignored ``results/`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import sagkit as sk
+from sagkit.evaluation import default_tasks, evaluate_guidance, format_table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=["none", "freedom", "dps", "sag"])
+    parser.add_argument("--tasks", nargs="+", default=None, help="class style identity inpaint")
+    parser.add_argument("--window", type=float, nargs=2, default=[0.3, 0.7])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=None, help="c of the RMS rule")
+    parser.add_argument("--dps-scale", type=float, default=None, help="DPS's ζ")
+    parser.add_argument("--target", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with digits-unet/ and digits-classifier/ (default: the shipped data/)",
+    )
+    args = parser.parse_args(argv)
+
+    unet_dir, classifier_dir = (
+        (None, None)
+        if args.data is None
+        else (args.data / "digits-unet", args.data / "digits-classifier")
+    )
+    model = sk.load_pretrained("digits", device="cpu", path=unet_dir)
+    classifier = sk.load_classifier("digits", device="cpu", path=classifier_dir)
+    tasks = default_tasks(classifier, target=args.target)
+    if args.tasks:
+        tasks = [t for t in tasks if t.name in args.tasks]
+    print(
+        f"steps={args.steps} samples={args.num_samples} window={tuple(args.window)} "
+        f"repeats={args.repeats} scale={args.scale} dps_scale={args.dps_scale} "
+        f"threads={torch.get_num_threads()}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    rows = []
+    for task in tasks:  # one task at a time, printed as it finishes
+        part = evaluate_guidance(
+            model,
+            classifier,
+            [task],
+            methods=args.methods,
+            ns=args.ns,
+            num_samples=args.num_samples,
+            steps=args.steps,
+            seed=args.seed,
+            window=tuple(args.window),
+            repeats=args.repeats,
+            scale=args.scale,
+            dps_scale=args.dps_scale,
+        )
+        rows.extend(part)
+        print(format_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        kept = [{k: v for k, v in r.items() if k != "per_sample"} for r in rows]
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": settings, "rows": kept}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
