@@ -1,8 +1,9 @@
 """A notebook in a real JupyterLab, driven by headless Chromium (Debian's package) via Playwright.
 
 The test copies the notebook to a temporary folder (JupyterLab saves what it runs), starts
-JupyterLab on loopback, runs every cell from the Run menu, moves one widget and checks that
-the widget's figure changes. Screenshots go to ``$SAGKIT_SCREENSHOTS`` (default: pytest's
+JupyterLab on loopback, runs every cell from the Run menu, draws the interactive figure
+("Run Interact"), moves the target-class slider, draws again and checks that the figure
+changed. Screenshots go to ``$SAGKIT_SCREENSHOTS`` (default: pytest's
 tmp_path). Without Chromium it is skipped, except in CI (``CI`` set), where it fails.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = "04_guided_sampling.ipynb"
-WIDGET = "target"  # the description of the dropdown the test moves
+WIDGET = "target"  # the description of the integer slider the test moves
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +80,24 @@ def jupyterlab(tmp_path):
         log.close()
 
 
-def _figure_source(page) -> str:
-    """The src of the image in the output area just below the widget."""
-    images = page.locator(".jp-OutputArea-output img")
-    images.last.wait_for(state="visible", timeout=120_000)
-    return images.last.get_attribute("src")
+def _draw(page, previous: str | None = None) -> str:
+    """Click "Run Interact" and return the src of the figure in the widget's output once it
+    differs from ``previous``."""
+    page.get_by_role("button", name="Run Interact").click()
+    page.wait_for_function(
+        """previous => {
+            const im = document.querySelector('.widget-output img');
+            return im !== null && im.src !== previous;
+        }""",
+        arg=previous,
+        timeout=180_000,
+        polling=500,
+    )
+    return page.locator(".widget-output img").first.get_attribute("src")
 
 
 def test_notebook_runs_and_widget_updates_figure(jupyterlab, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     base, token = jupyterlab
@@ -108,8 +119,20 @@ def test_notebook_runs_and_widget_updates_figure(jupyterlab, tmp_path):
         page.locator(".jp-Notebook").wait_for(timeout=60_000)
         page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
 
-        page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+        # "Run All Cells" is a no-op until the kernel is connected: retry until a cell starts.
+        for _ in range(10):
+            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+            page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+            try:
+                page.wait_for_function(
+                    """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                        .some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))""",
+                    timeout=15_000,
+                    polling=500,
+                )
+                break
+            except PlaywrightTimeout:
+                continue
         # every code cell ends with an execution count and no cell is busy ("[*]")
         page.wait_for_function(
             """() => {
@@ -117,6 +140,7 @@ def test_notebook_runs_and_widget_updates_figure(jupyterlab, tmp_path):
                 return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
             }""",
             timeout=300_000,
+            polling=500,
         )
         errors = page.locator(
             ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
@@ -124,19 +148,19 @@ def test_notebook_runs_and_widget_updates_figure(jupyterlab, tmp_path):
         tracebacks = [e for e in errors.all_inner_texts() if "Error" in e and "Traceback" in e]
         assert not tracebacks, tracebacks[0]
 
-        dropdown = page.locator(".widget-dropdown", has_text=WIDGET).locator("select")
-        dropdown.scroll_into_view_if_needed()
-        before = _figure_source(page)
+        interact = page.locator(".widget-interact")
+        interact.scroll_into_view_if_needed()
+        before = _draw(page)
         page.screenshot(path=str(shots / "browser_before.png"))
-        options = dropdown.locator("option").all_inner_texts()
-        current = dropdown.evaluate("s => s.options[s.selectedIndex].text")
-        dropdown.select_option(label=next(o for o in options if o != current))
-        page.wait_for_function(
-            "before => { const im = [...document.querySelectorAll('.jp-OutputArea-output img')];"
-            " return im.length && im[im.length - 1].src !== before; }",
-            arg=before,
-            timeout=120_000,
-        )
+        slider = interact.locator(".widget-slider", has_text=WIDGET)
+        readout = slider.locator(".widget-readout")
+        old = int(readout.inner_text())
+        readout.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.type(str((old + 2) % 10))
+        page.keyboard.press("Enter")
+        assert int(readout.inner_text()) == (old + 2) % 10
+        after = _draw(page, before)
         page.screenshot(path=str(shots / "browser_after.png"))
-        assert _figure_source(page) != before
+        assert after != before
         browser.close()
