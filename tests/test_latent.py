@@ -75,23 +75,17 @@ def test_guided_sampling_on_latents(latent_setup):
     model, loss, z, prompt, *_ = latent_setup
     kwargs = dict(steps=6, n=2, window=(0.0, 1.0), cond=prompt, cfg_scale=3.0, progress=False)
     plain = sk.guided_sample(model, loss, z, guidance="none", **kwargs)
-    sag = sk.guided_sample(
-        model,
-        loss,
-        z,
-        guidance="sag",
-        scale=2.0,
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    )
-    again = sk.guided_sample(
-        model,
-        loss,
-        z,
-        guidance="sag",
-        scale=2.0,
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
+    sag, again = (
+        sk.guided_sample(
+            model,
+            loss,
+            z,
+            guidance="sag",
+            scale=2.0,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        for _ in range(2)
     )
     assert sag.shape == z.shape and torch.equal(sag, again)
     with torch.no_grad():
