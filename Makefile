@@ -1,26 +1,44 @@
 # sagkit: two commands on a fresh machine.
 #   make lab     the notebooks in JupyterLab          (make report: the same experiments, headless)
 #   make test    lint, unit tests and every notebook under nbval
-PY      := python3
+# Both create .venv and install exactly the versions in requirements.lock.
+PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+UV      := uv==0.13.9
 TORCH   := torch==2.13.0
+# uv installs into .venv; its cache is uv's own (UV_CACHE_DIR to move it).
+UVPIP   := $(BIN)/uv pip
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv lab report test lint format notebooks-test unit-test bench browser clean
+.PHONY: venv lab report test lint format notebooks-test unit-test bench browser lock clean
 
-$(BIN)/sagkit: pyproject.toml
+# torch is installed by pip, without its dependencies (they are in the lock): pip finds the
+# CPU wheel where the machine keeps one, instead of gigabytes of CUDA packages. Everything
+# else comes from the lock, exactly, through uv; sagkit itself is an editable install.
+$(BIN)/sagkit: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel, not gigabytes of CUDA packages.
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[notebooks,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(UV)"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(TORCH)"
+	$(UVPIP) install --quiet --python $(BIN)/python -r requirements.lock
+	$(UVPIP) install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
 venv: $(BIN)/sagkit
 
+# Refresh the pins on purpose. The resolution uses torch's CPU wheel (found where pip finds
+# it, or in TORCH_WHEELS): resolving against the CUDA build would lock its CUDA packages.
+TORCH_WHEELS ?= $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
+lock: venv
+	$(UVPIP) compile pyproject.toml --extra notebooks --extra dev --python-version 3.11 \
+		--no-emit-package torch $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS)) \
+		--custom-compile-command "make lock" --quiet -o requirements.lock
+
+# --allow-root: JupyterLab refuses to start as root without it, and it changes nothing for
+# other users. LAB_FLAGS passes more (for example --no-browser --port=8899).
+LAB_FLAGS ?=
 lab: venv
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --allow-root $(LAB_FLAGS) notebooks/
 
 report: venv
 	$(BIN)/sagkit report --out report

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         "--data",
         type=Path,
         default=None,
-        help="folder with digits-unet/ and digits-classifier/ (default: the shipped data/)",
+        help="folder with digits-unet/ and digits-classifier/ (default: the shipped weights)",
     )
     args = parser.parse_args(argv)
 

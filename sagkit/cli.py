@@ -1,4 +1,6 @@
-"""The ``sagkit`` command line: one subcommand per task.
+"""The ``sagkit`` command line (also ``python -m sagkit``): one subcommand per task.
+
+    sagkit --version
 
     sagkit bench [--model mixture|unet] [--dtype float32|float64] [--ns 8 16 64] [--solver ddim]
                  [--device auto|cpu|cuda] [--json]
@@ -88,9 +90,12 @@ SUBCOMMANDS = [add_bench, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="sagkit", description="Accurate gradients through diffusion samplers."
     )
+    parser.add_argument("--version", action="version", version=f"sagkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -13,6 +13,7 @@ unconditional sampling and classifier-free guidance.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ __all__ = [
     "evaluate_digits",
 ]
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The weights are package data of sagkit.digits (weights/<folder>/), so a wheel carries them.
+DATA_DIR = Path(str(files("sagkit.digits") / "weights"))
 EMBEDDINGS_NAME = "class_embeddings.safetensors"
 HELDOUT = 360  # held-out images (20 %), stratified by digit
 
@@ -154,7 +156,7 @@ def load_pretrained(name: str, device=None, dtype=torch.float32, path=None) -> D
         name: the model's name.
         device: where to put it; ``None`` means CUDA when available, else CPU.
         dtype: float32 or float64.
-        path: load from this directory instead of the shipped ``data/`` folder.
+        path: load from this directory instead of the shipped weights (``DATA_DIR``).
     """
     return _load(_MODELS, "pretrained model", name, device, dtype, path)
 

@@ -1,7 +1,8 @@
 """Train the shipped digits models: ``python -m sagkit.train digits [--steps N] [--out DIR] [--seed S]``.
 
 Targets: ``digits`` (both), ``digits-unet`` or ``digits-classifier``. The results go to
-``DIR/digits-unet`` and ``DIR/digits-classifier`` (default ``DIR``: the package's ``data/``).
+``DIR/digits-unet`` and ``DIR/digits-classifier``. ``--out`` is required, so that training never
+overwrites the shipped weights (``sagkit.pretrained.DATA_DIR``) unless that folder is named.
 Set ``OMP_NUM_THREADS`` to choose the CPU threads; training is seeded.
 
 The UNet learns ε-prediction on continuous times: t uniform in [t_min, 1], the network
@@ -24,7 +25,6 @@ from tqdm.auto import tqdm
 from .classifier import DigitsClassifier
 from .models import DiffusersModel
 from .pretrained import (
-    DATA_DIR,
     DigitsModel,
     digits_dataset,
     evaluate_digits,
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("target", choices=["digits", "digits-unet", "digits-classifier"])
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of each model")
-    parser.add_argument("--out", type=Path, default=DATA_DIR, help="output directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--evaluate",
