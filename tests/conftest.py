@@ -2,26 +2,9 @@
 
 import pytest
 import torch
+from helpers import tiny_unet  # also importable from here, as before
 
 import sagkit as sk
-
-
-def tiny_unet(channels=(8, 16), sample_size=8, seed=0, **config):
-    """A randomly initialised diffusers UNet2DModel small enough for CPU tests."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * len(channels),
-        up_block_types=("UpBlock2D",) * len(channels),
-        norm_num_groups=4,
-        **config,
-    )
 
 
 @pytest.fixture(scope="session")

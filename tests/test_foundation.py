@@ -5,9 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import RoundingChain, pair_bound, rel, roundoff_bound, tiny_unet
 
 import sagkit as sk
 
+# The float64 tolerances below (1e-14 … 1e-9) bound identities that a few dozen float64
+# operations evaluate on O(1) numbers: γ_N = N · 1.1e-16 ≈ 1e-15 for such N, so each leaves
+# ≥ 10 γ_N for rounding (1e-10 and 1e-9 also for cancellation in a closed-form inverse and a
+# difference of λs), while staying ≪ the 1e-2 error of a wrong formula.
 SCHEDULES = {
     "linear": sk.VPSchedule.linear(),
     "cosine": sk.VPSchedule.cosine(),
@@ -95,6 +100,7 @@ def test_mixture_cond_logits_shift_weights(mixture):
     assert torch.allclose(mixture.eps(x, 0.5, cond=torch.zeros(3)), mixture.eps(x, 0.5))
     favour_first = torch.tensor([[50.0, 0.0, 0.0]], dtype=torch.float64)
     one = sk.GaussianMixture(mixture.means[:1], mixture.std, mixture.schedule)
+    # the other components keep weights ≈ e^-50 ≈ 2e-22; rounding γ_N |ε| ≈ 1e-15 ≪ 1e-12
     assert torch.allclose(mixture.eps(x, 0.5, cond=favour_first), one.eps(x, 0.5), atol=1e-12)
 
 
@@ -102,7 +108,8 @@ def test_mixture_sample_statistics(mixture):
     x = mixture.sample(20000, generator=torch.Generator().manual_seed(0))
     mean = (mixture.log_weights.exp()[:, None, None, None] * mixture.means).sum(0)
     assert x.shape == (20000, 1, 2, 2)
-    assert torch.allclose(x.mean(0), mean, atol=0.03)
+    # the sample mean is off by a standard error sd/√n per pixel: allow 6 of them
+    assert torch.allclose(x.mean(0), mean, atol=6 * float(x.std(0).max()) / math.sqrt(len(x)))
 
 
 def test_digits_mixture():
@@ -144,22 +151,22 @@ def test_solver_convergence_order(solver, order, spacing):
 
 
 def test_ddim_matches_diffusers_scheduler(scheduler):
-    from conftest import tiny_unet
-
     unet = tiny_unet().eval()
     model = sk.DiffusersModel(unet, scheduler)
     scheduler.set_timesteps(20)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     ref = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), RoundingChain() as chain:
         for k in scheduler.timesteps:
             eps = unet(ref, k).sample
             ref = scheduler.step(eps, k, ref, eta=0.0).prev_sample
         n = scheduler.config.num_train_timesteps
         ts = [(int(k) + 1) / n for k in scheduler.timesteps] + [0.0]  # the final α is 1
         ours = sk.solve(model, x, ts, "ddim")
-    rel = float((ours - ref).norm() / ref.norm())
-    assert rel < 1e-5
+    # two float32 roundings of the same DDIM map, each within its bound over its counted chain;
+    # diffusers' ᾱ come from a float32 cumprod of T factors made before, which lengthens its chain
+    chains = (chain.longest(ours), chain.longest(ref) + scheduler.config.num_train_timesteps)
+    assert rel(ours, ref) <= pair_bound(*(roundoff_bound(c, torch.float32) for c in chains))
 
 
 def test_ddim_step_is_the_paper_formula(mixture):

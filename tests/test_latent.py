@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
 from sagkit.latent import TextConditionedModel, decoded_loss
@@ -49,25 +50,35 @@ def latent_setup():
 
 def test_cfg_model_is_the_guided_combination(latent_setup):
     model, _, z, prompt, unet, scheduler = latent_setup
-    guided = sk.ClassifierFreeGuidance(model, model.null_cond, 3.0)
+    w = 3.0
+    guided = sk.ClassifierFreeGuidance(model, model.null_cond, w)
     plain = sk.DiffusersModel(unet, scheduler)
-    e_c = plain.eps(z, 0.6, prompt)
-    e_u = plain.eps(z, 0.6, torch.zeros_like(prompt))
-    assert torch.allclose(
-        guided.eps(z, 0.6, prompt), e_u + 3.0 * (e_c - e_u), rtol=1e-10, atol=1e-12
-    )
+    with torch.no_grad(), RoundingChain() as chain:
+        e_c = plain.eps(z, 0.6, prompt)
+        e_u = plain.eps(z, 0.6, torch.zeros_like(prompt))
+        got, want = guided.eps(z, 0.6, prompt), e_u + w * (e_c - e_u)
+    # float64 ε_u, ε_c batched (got) and apart (want), each within γ over its counted chain;
+    # ε_u + w (ε_c − ε_u) weighs their errors by up to 1 + 2w, relative to the larger of them
+    bounds = (roundoff_bound(chain.longest(r), torch.float64) for r in (got, want))
+    scale = float(torch.maximum(e_c.norm(), e_u.norm()) / want.norm())
+    assert rel(got, want) <= (1 + 2 * w) * scale * pair_bound(*bounds)
 
 
 def test_gradient_through_the_decoder(latent_setup):
     """n-step estimate with CFG inside, VAE decode inside the loss: engines agree, FD agrees."""
     model, loss, z, prompt, *_ = latent_setup
     ts = sk.time_grid(model.schedule, 0.7, 0.0, 3)
-    _, g_bp = sk.loss_grad(model, loss, z, ts, method="backprop", cond=prompt)
-    _, g_sa = sk.loss_grad(model, loss, z, ts, method="symplectic", cond=prompt)
-    assert float((g_sa - g_bp).norm() / g_bp.norm()) < 1e-10
-    v = torch.randn_like(z)
-    fd = sk.finite_difference(model, loss, z, ts, v, cond=prompt)
-    assert fd == pytest.approx(float((g_bp * v).sum()), rel=1e-6)
+    with RoundingChain() as chain:  # the roundings behind each result, counted
+        value, g_bp = sk.loss_grad(model, loss, z, ts, method="backprop", cond=prompt)
+        _, g_sa = sk.loss_grad(model, loss, z, ts, method="symplectic", cond=prompt)
+    # two float64 roundings of the exact discrete gradient, each γ over its counted chain
+    bounds = (roundoff_bound(chain.longest(g), torch.float64) for g in (g_sa, g_bp))
+    assert rel(g_sa, g_bp) <= pair_bound(*bounds)
+    v, delta = torch.randn_like(z), 1e-4
+    fd = sk.finite_difference(model, loss, z, ts, v, cond=prompt, delta=delta)
+    # Richardson: each loss value off by ≤ γ_N |L|, weighed by 3/δ; truncation f⁽⁵⁾δ⁴/480
+    bound = 3 * roundoff_bound(chain.longest(value), torch.float64) * abs(float(value)) / delta
+    assert abs(fd - float((g_bp * v).sum())) <= bound
 
 
 def test_guided_sampling_on_latents(latent_setup):

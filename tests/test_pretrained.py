@@ -1,7 +1,10 @@
 """The shipped digits models in data/: loading, conditioning, gradients, classifier, evaluation."""
 
+import math
+
 import pytest
 import torch
+from helpers import RoundingChain, gamma, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
 from sagkit.pretrained import evaluate_digits, evaluate_samples, frechet_distance
@@ -20,6 +23,23 @@ def model64():
 @pytest.fixture(scope="module")
 def classifier():
     return sk.load_classifier("digits", device="cpu")
+
+
+def _frechet_rounding(a: torch.Tensor, b: torch.Tensor) -> float:
+    """A bound on the float64 rounding of ``frechet_distance(a, b)`` for features (N, d), with
+    Σ the larger covariance: ‖μ_a − μ_b‖² and the traces are sums off by γ_{N+d} of their
+    magnitude; each of the d eigenvalues of Σ_a^½ Σ_b Σ_a^½ (two d-long products, then a
+    backward-stable eigvalsh) is off by at most γ_3d ‖Σ‖², and its square root, near 0, by at
+    most √(γ_3d) ‖Σ‖."""
+    stats = []
+    for f in (a.double(), b.double()):
+        cov = torch.atleast_2d(torch.cov(f.T))
+        norm = float(torch.linalg.matrix_norm(cov, ord=2))
+        stats.append((norm, float(cov.trace()), float(f.mean(0).square().sum())))
+    n, d = max(len(a), len(b)), a.shape[1]
+    norm = max(s[0] for s in stats)
+    sums = 4 * gamma(n + d, torch.float64) * sum(s[1] + s[2] for s in stats)
+    return sums + 2 * d * math.sqrt(gamma(3 * d, torch.float64)) * norm
 
 
 def test_digits_dataset_split():
@@ -59,11 +79,17 @@ def test_load_deterministic_and_float64(model, model64):
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.1, 0.5, 0.9])
     labels = [4, 7, 10]
-    out = model.eps(x, t, model.cond_for(labels))
+    with RoundingChain() as chain:
+        out = model.eps(x, t, model.cond_for(labels))
+        out64 = model64.eps(x.double(), t, model64.cond_for(labels))
     assert torch.equal(out, again.eps(x, t, again.cond_for(labels)))
-    out64 = model64.eps(x.double(), t, model64.cond_for(labels))
     assert out64.dtype == torch.float64 and model64.cond_for(labels).dtype == torch.float64
-    torch.testing.assert_close(out64.float(), out, atol=1e-4, rtol=1e-4)
+    # the same weights in both: float32 rounding over the counted chain, plus float64's
+    bounds = (
+        roundoff_bound(chain.longest(out), torch.float32),
+        roundoff_bound(chain.longest(out64), torch.float64),
+    )
+    assert rel(out, out64) <= pair_bound(*bounds)
 
 
 def test_default_device():
@@ -117,13 +143,22 @@ def test_cond_gradient_matches_finite_differences(model64):
         return sk.solve(guided, x, ts, "ddim", cond=c).square().mean()
 
     c = cond.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(loss(c), c)
+    with RoundingChain() as chain:
+        value = loss(c)
+    (grad,) = torch.autograd.grad(value, c)
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
     v = torch.randn(cond.shape, generator=gen, dtype=torch.float64)
     delta = 1e-4
+
+    def central(d):
+        return float(loss(cond + d * v) - loss(cond - d * v)) / (2 * d)
+
     with torch.no_grad():
-        fd = (loss(cond + delta * v) - loss(cond - delta * v)) / (2 * delta)
-    torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-5, atol=1e-9)
+        fd = (4 * central(delta / 2) - central(delta)) / 3  # Richardson: O(δ⁴)
+    # each loss value is off by ≤ γ_N |L|, weighed by 3/δ in all; the truncation f⁽⁵⁾δ⁴/480 is
+    # 2e-19 f⁽⁵⁾, negligible
+    bound = 3 * roundoff_bound(chain.longest(value), torch.float64) * abs(value.item()) / delta
+    assert abs(float((grad * v).sum()) - fd) <= bound
 
 
 def test_classifier_outputs(classifier):
@@ -140,19 +175,22 @@ def test_classifier_outputs(classifier):
     with pytest.raises(ValueError, match="shape"):
         classifier.logits(torch.zeros(2, 1, 8, 8))
     clf64 = sk.load_classifier("digits", device="cpu", dtype=torch.float64)
-    torch.testing.assert_close(
-        clf64.logits(x.detach().double()).float(),
-        classifier.logits(x.detach()),
-        atol=1e-4,
-        rtol=1e-4,
+    with RoundingChain() as chain:
+        logits, logits64 = classifier.logits(x.detach()), clf64.logits(x.detach().double())
+    # the same weights in both: float32 rounding over the counted chain, plus float64's
+    bounds = (
+        roundoff_bound(chain.longest(logits), torch.float32),
+        roundoff_bound(chain.longest(logits64), torch.float64),
     )
+    assert rel(logits, logits64) <= pair_bound(*bounds)
 
 
 def test_classifier_heldout_accuracy(classifier):
     test_x, test_y = sk.digits_dataset("test")
     result = evaluate_samples(classifier, test_x, test_y, test_x)
     assert result["accuracy"] >= 0.9
-    assert abs(result["fd"]) < 1e-6
+    features = classifier.features(test_x)
+    assert abs(result["fd"]) <= _frechet_rounding(features, features)  # 0 but for rounding
 
 
 def test_frechet_distance_one_dimensional():
@@ -161,10 +199,12 @@ def test_frechet_distance_one_dimensional():
     a = torch.randn(500, 1, generator=gen, dtype=torch.float64)
     b = 2 + 3 * torch.randn(400, 1, generator=gen, dtype=torch.float64)
     expected = (a.mean() - b.mean()) ** 2 + (a.std() - b.std()) ** 2
+    # float64, d = 1: means and deviations are sums of 500 terms, γ_500 ≈ 6e-14 ≪ 1e-9
     assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-9)
     c = torch.randn(300, 4, generator=gen)
     d = torch.randn(300, 4, generator=gen) @ torch.randn(4, 4, generator=gen)
-    assert frechet_distance(c, d) == pytest.approx(frechet_distance(d, c), rel=1e-6)
+    # both orders are the same number; each is off by at most the rounding bound
+    assert abs(frechet_distance(c, d) - frechet_distance(d, c)) <= 2 * _frechet_rounding(c, d)
 
 
 def test_sample_and_evaluate(model, classifier):

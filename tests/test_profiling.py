@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_unet
+from helpers import tiny_unet
 
 import sagkit as sk
 
