@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
-from sagkit.evaluation import default_tasks, evaluate_guidance, format_table
+from sagkit.lab.evaluation import default_tasks, evaluate_guidance, guidance_table
 
 
 def main(argv=None) -> None:
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         part = evaluate_guidance(
             model,
             classifier,
-            [task],
+            tasks=[task],
             methods=args.methods,
             ns=args.ns,
             num_samples=args.num_samples,
@@ -78,8 +78,8 @@ def main(argv=None) -> None:
             dps_scale=args.dps_scale,
         )
         rows.extend(part)
-        print(format_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
-    print(format_table(rows))
+        print(guidance_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
+    print(guidance_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         kept = [{k: v for k, v in r.items() if k != "per_sample"} for r in rows]

@@ -1,30 +1,49 @@
 """sagkit: accurate gradients through diffusion samplers.
 
-import sagkit as sk
-model = sk.GaussianMixture.digits()                  # exact ε, exact ground truth
-ts = sk.time_grid(model.schedule, 1.0, 0.0, 20)
-x0 = sk.solve(model, x_T, ts, solver="heun")
-loss, grad = sk.loss_grad(model, loss_fn, x_T, ts, method="symplectic")
+    import sagkit as sk
+    model = sk.GaussianMixture.digits()                  # exact ε, exact ground truth
+    ts = sk.time_grid(model.schedule, 1.0, 0.0, 20)
+    x0 = sk.solve(model, x_T, ts, solver="heun")
+    loss, grad = sk.loss_grad(model, loss_fn, x_T, ts, method="symplectic")
+
+The layers, bottom up (each imports only the ones above it in this list):
+
+- :mod:`sagkit.core`: schedules, models, solvers, frames, estimates, the SDE sampler, inversion;
+- :mod:`sagkit.gradients`: the gradient engines and their referees;
+- :mod:`sagkit.guidance`: guided sampling, guidance losses, latent optimisation;
+- :mod:`sagkit.digits`: the shipped digits models, their data, training and evaluation;
+- :mod:`sagkit.lab`: the studies behind the notebooks and the report, and the CLI.
+
+The formulas are in docs/maths.md, which the docstrings cite by section.
 """
 
-from . import losses
-from .adjointdeis import adjointdeis_grad, convergence_study
-from .classifier import DigitsClassifier
-from .estimates import estimate_x0, misalignment, rms_distance
-from .evaluation import evaluate_guidance
-from .gradients import METHODS, finite_difference, loss_grad
-from .guidance import GUIDANCE, guided_sample
-from .inversion import inversion_error, invert
-from .models import ClassifierFreeGuidance, DiffusersModel, GaussianMixture
-from .optimize import evaluate_morphs, morph, optimize_latent
-from .pretrained import DigitsModel, digits_dataset, load_classifier, load_pretrained, sample_digits
-from .profiling import ProfileReport, profile, profile_gradient
-from .schedules import VPSchedule, time_grid
-from .sde import encode, recover_noise, sde_sample
-from .solvers import SOLVERS, Tableau, register_solver, solve
+from .core.estimates import estimate_x0, rms_distance
+from .core.inversion import inversion_error, invert
+from .core.models import ClassifierFreeGuidance, DiffusersModel, GaussianMixture
+from .core.schedules import VPSchedule, time_grid
+from .core.sde import encode, recover_noise, sde_sample
+from .core.solvers import SOLVERS, Tableau, register_solver, solve
+from .digits.classifier import DigitsClassifier
+from .digits.data import digits_dataset
+from .digits.models import DigitsModel, load_classifier, load_pretrained, sample_digits
+from .gradients import (
+    METHODS,
+    GradientMethod,
+    adjointdeis_grad,
+    finite_difference,
+    loss_grad,
+    register_method,
+)
+from .guidance import losses
+from .guidance.optimize import evaluate_morphs, morph, optimize_latent
+from .guidance.sampler import GUIDANCE, guided_sample
+from .lab.convergence import convergence_study
+from .lab.evaluation import evaluate_guidance
+from .lab.misalignment import misalignment
+from .lab.profiling import ProfileReport, profile, profile_gradient
 
 __all__ = [
-    # schedules, models, solvers, estimates
+    # core: schedules, models, solvers, estimates, SDE, inversion
     "VPSchedule",
     "time_grid",
     "GaussianMixture",
@@ -35,36 +54,39 @@ __all__ = [
     "register_solver",
     "solve",
     "estimate_x0",
-    "misalignment",
     "rms_distance",
-    # gradient engines and their measurement
-    "METHODS",
-    "loss_grad",
-    "finite_difference",
-    "profile",
-    "profile_gradient",
-    "ProfileReport",
-    # AdjointDEIS, the SDE sampler, inversion, latent optimisation
-    "adjointdeis_grad",
-    "convergence_study",
     "sde_sample",
     "recover_noise",
     "encode",
     "invert",
     "inversion_error",
+    # gradients
+    "METHODS",
+    "GradientMethod",
+    "register_method",
+    "loss_grad",
+    "finite_difference",
+    "adjointdeis_grad",
+    # guidance
+    "losses",
+    "GUIDANCE",
+    "guided_sample",
     "optimize_latent",
     "morph",
     "evaluate_morphs",
-    # shipped models, guidance
+    # the shipped digits models
     "DigitsModel",
     "DigitsClassifier",
     "load_pretrained",
     "load_classifier",
     "digits_dataset",
     "sample_digits",
-    "losses",
-    "GUIDANCE",
-    "guided_sample",
+    # studies and measurement
+    "misalignment",
+    "convergence_study",
     "evaluate_guidance",
+    "profile",
+    "profile_gradient",
+    "ProfileReport",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -34,3 +34,14 @@ def mixture():
 @pytest.fixture
 def digits_mixture():
     return sk.GaussianMixture.digits(n_components=64)
+
+
+@pytest.fixture
+def register_temporarily(request):
+    """``register_temporarily(registry, name, entry)``: registered for this test only."""
+
+    def register(registry, name, entry):
+        registry.register(name, entry)
+        request.addfinalizer(lambda: registry.unregister(name))
+
+    return register

@@ -29,8 +29,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sagkit.core.schedules import time_grid
+
 __all__ = [
     "tiny_unet",
+    "F64_AGREE",
+    "make_loss",
+    "grid",
+    "noise",
     "unit_roundoff",
     "gamma",
     "gamma_tilde",
@@ -251,3 +257,32 @@ class RoundingChain(TorchDispatchMode):
         out = super().__exit__(*exc)
         self._alive.clear()
         return out
+
+
+# --- the small problems of the gradient tests ----------------------------------------------
+
+# float64 engines that must agree: 1e-10 ≫ γ_N(float64) = N · 1.1e-16 for the N < 10⁴ roundings
+# of these mixture solves (forward and backward), and ≪ the 1e-2 of a wrong gradient.
+F64_AGREE = 1e-10
+
+
+def make_loss(seed=1):
+    """L(x) = Σ_b [½‖x_b − target_b‖² + (sin x_b)·w] — nonlinear, per sample (B,) values."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(x):
+        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
+        w = torch.randn(x.shape[1:], generator=gen.manual_seed(seed + 1)).to(x)
+        return 0.5 * (x - target).flatten(1).pow(2).sum(1) + (torch.sin(x) * w).flatten(1).sum(1)
+
+    return loss_fn
+
+
+def grid(model, n=4, t_start=0.8):
+    return time_grid(model.schedule, t_start, model.schedule.t_min, n)
+
+
+def noise(model_or_shape, batch=2, dtype=torch.float64, seed=0):
+    shape = model_or_shape
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dtype)

@@ -60,7 +60,7 @@ def test_cuda_peak_is_reported_and_symplectic_is_flat(unet_model):
     for method in ("backprop", "symplectic"):
         for n in (8, 64):
             ts = sk.time_grid(model.schedule, 0.8, 0.0, n)
-            report = sk.profile_gradient(model, loss, x, ts, method)
+            report = sk.profile_gradient(model, loss, x, ts, method=method)
             assert report.cuda_peak_bytes is not None and report.cuda_peak_bytes > 0
             peaks[method, n] = report.saved_bytes
     assert peaks["symplectic", 64] * 10 <= peaks["backprop", 64]

@@ -1,0 +1,257 @@
+"""Noise-prediction models in one protocol.
+
+A model is any object with ``.schedule`` (a :class:`~sagkit.VPSchedule`) and
+``.eps(x, t, cond=None)``: x of shape (B, ...), t a float or a (B,) tensor in [0, 1], and
+an optional conditioning tensor. It returns ε(x, t) of x's shape. Two implementations:
+
+- :class:`GaussianMixture`: the exact ε of a diffused Gaussian mixture (ground truth);
+- :class:`DiffusersModel`: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
+
+:class:`ClassifierFreeGuidance` wraps a conditional model into another model of the protocol.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .frames import per_sample, tweedie_x0
+from .schedules import VPSchedule
+
+__all__ = ["GaussianMixture", "DiffusersModel", "ClassifierFreeGuidance"]
+
+
+def _time_column(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a float64 tensor of shape (B,) for a batch x of shape (B, ...)."""
+    tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if tt.ndim == 0:
+        tt = tt.expand(x.shape[0])
+    if tt.shape != (x.shape[0],):
+        raise ValueError(
+            f"t must be a float or a tensor of shape ({x.shape[0]},), got {tuple(tt.shape)}"
+        )
+    return tt
+
+
+class GaussianMixture(nn.Module):
+    """The exact diffusion of p_0 = Σ_k π_k N(μ_k, s² I).
+
+    With v_t = α_t² s² + σ_t² (a diffused component has covariance v_t I):
+
+        ∇ log p_t(x) = Σ_k w_k(x) (α_t μ_k − x) / v_t,
+        w = softmax_k(log π_k − ‖x − α_t μ_k‖² / (2 v_t)),
+        ε*(x, t) = −σ_t ∇ log p_t(x),     E[x_0 | x_t] = (x + σ_t² ∇ log p_t(x)) / α_t.
+
+    Args:
+        means: (K, *shape) component means μ_k (a parameter, so ``wrt="params"`` works).
+        std: the component standard deviation s > 0.
+        schedule: the noise schedule.
+        weights: (K,) mixture weights π (normalised here); uniform when omitted.
+
+    The optional ``cond`` of :meth:`eps` is a (K,) or (B, K) tensor of logits added to
+    log π: a differentiable class conditioning with exact ground truth.
+    """
+
+    def __init__(self, means: torch.Tensor, std: float, schedule: VPSchedule, weights=None):
+        super().__init__()
+        means = torch.as_tensor(means)
+        if means.ndim < 2:
+            raise ValueError(f"means must have shape (K, *shape), got {tuple(means.shape)}")
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}")
+        k = means.shape[0]
+        weights = (
+            torch.full((k,), 1.0 / k, dtype=means.dtype)
+            if weights is None
+            else torch.as_tensor(weights)
+        )
+        if weights.shape != (k,) or bool((weights <= 0).any()):
+            raise ValueError(
+                f"weights must be {k} positive numbers, got shape {tuple(weights.shape)}"
+            )
+        # A parameter (so that wrt="params" has exact ground truth), frozen by default so
+        # that plain sampling builds no graph: call requires_grad_() to differentiate.
+        self.means = nn.Parameter(means.clone(), requires_grad=False)
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()).to(means.dtype))
+        self.std = float(std)
+        self.schedule = schedule
+        self.labels = None  # class of each component, where known (see digits())
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.means.shape[1:]
+
+    @classmethod
+    def digits(
+        cls,
+        *,
+        n_components: int | None = 512,
+        std: float = 0.1,
+        size: int = 8,
+        schedule: VPSchedule | None = None,
+        seed: int = 0,
+        dtype=torch.float64,
+    ) -> GaussianMixture:
+        """A mixture centred on scikit-learn's digits images, scaled to [-1, 1].
+
+        Args:
+            n_components: how many images (chosen at random with ``seed``) become means;
+                ``None`` takes all 1797.
+            std: component standard deviation, in the [-1, 1] pixel scale.
+            size: 8 (native) or a larger side length (bilinear upsampling).
+            schedule: defaults to :meth:`VPSchedule.linear`.
+        Shape of a sample: (1, size, size). ``labels`` holds each component's digit.
+        """
+        from ..digits.data import digit_images  # the data lives with the shipped models
+
+        images, labels = digit_images(size)
+        if n_components is not None:
+            if not 1 <= n_components <= len(images):
+                raise ValueError(f"n_components must be in [1, {len(images)}], got {n_components}")
+            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[
+                :n_components
+            ]
+            images, labels = images[idx], labels[idx]
+        model = cls(images.to(dtype), std, schedule or VPSchedule.linear())
+        model.labels = labels
+        return model
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim < 2 or x.shape[1:] != self.event_shape:
+            raise ValueError(
+                f"x must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
+            )
+
+    def score(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """∇_x log p_t(x), shape of x.
+
+        (docs/maths.md §4.1)
+        """
+        self._check(x)
+        tt = _time_column(t, x)
+        alpha = self.schedule.alpha(tt).to(x.dtype)  # (B,)
+        var = alpha**2 * self.std**2 + self.schedule.sigma(tt).to(x.dtype) ** 2  # v_t, (B,)
+        flat = x.reshape(x.shape[0], -1)  # (B, D)
+        mu = self.means.to(x).reshape(self.means.shape[0], -1)  # (K, D)
+        centred = alpha[:, None, None] * mu[None] - flat[:, None]  # α_t μ_k − x, (B, K, D)
+        logits = self.log_weights.to(x) - (centred**2).sum(-1) / (2 * var[:, None])  # (B, K)
+        if cond is not None:
+            logits = logits + torch.as_tensor(cond).to(x)
+        w = torch.softmax(logits, dim=-1)
+        return (torch.einsum("bk,bkd->bd", w, centred) / var[:, None]).reshape(x.shape)
+
+    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """ε*(x, t) = −σ_t ∇ log p_t(x).
+
+        (docs/maths.md §4.2)
+        """
+        sigma = per_sample(self.schedule.sigma(_time_column(t, x)), x)
+        return -sigma * self.score(x, t, cond)
+
+    def x0(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """The posterior mean E[x_0 | x_t = x] = (x + σ_t² ∇ log p_t(x)) / α_t: Tweedie's
+        formula, (x − σ_t ε*)/α_t with the exact ε*."""
+        return tweedie_x0(self.schedule, x, _time_column(t, x), self.eps(x, t, cond))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact samples from p_0, shape (n, *event_shape)."""
+        comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn((n, *self.event_shape), generator=generator, dtype=self.means.dtype)
+        return self.means[comp] + self.std * noise
+
+
+class DiffusersModel(nn.Module):
+    """A diffusers UNet as a model of the protocol.
+
+    The network is called with the continuous float timestep ``t·N − 1`` (docs/maths.md §1.3: a
+    discrete-time network sees its integer grid at the times t_n = (n + 1)/N), always as
+    a float tensor, so that ``UNet2DModel`` does not truncate it.
+
+    Args:
+        unet: a ``UNet2DModel`` (``cond`` goes in as ``class_labels``: with
+            ``class_embed_type="identity"`` that is a continuous (B, E) embedding, so
+            gradients with respect to it exist) or a ``UNet2DConditionModel`` (``cond`` is
+            ``encoder_hidden_states``, (B, L, D)).
+        schedule_or_scheduler: a :class:`VPSchedule` or a diffusers scheduler.
+        prediction_type: "epsilon", "v_prediction" or "sample"; by default the scheduler's.
+    """
+
+    def __init__(self, unet: nn.Module, schedule_or_scheduler, prediction_type: str | None = None):
+        super().__init__()
+        self.unet = unet
+        if isinstance(schedule_or_scheduler, VPSchedule):
+            self.schedule = schedule_or_scheduler
+        else:
+            self.schedule = VPSchedule.from_diffusers(schedule_or_scheduler)
+            prediction_type = prediction_type or schedule_or_scheduler.config.get("prediction_type")
+        self.prediction_type = prediction_type or "epsilon"
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}"
+            )
+        if self.schedule.num_train_timesteps is None:
+            raise ValueError(
+                "DiffusersModel needs a discrete schedule: pass the diffusers scheduler"
+            )
+        self._conditional = "encoder_hidden_states" in inspect.signature(unet.forward).parameters
+
+    def _check(self, x: torch.Tensor) -> None:
+        channels = self.unet.config.in_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(
+                f"x must have shape (B, {channels}, H, W) for this UNet, got {tuple(x.shape)}"
+            )
+
+    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """ε(x, t) from the network's output, shape of x.
+
+        (docs/maths.md §1.3)
+        """
+        self._check(x)
+        tt = _time_column(t, x)
+        timestep = (tt * self.schedule.num_train_timesteps - 1).to(x.dtype)
+        if self._conditional:
+            if cond is None:
+                raise ValueError("this UNet2DConditionModel needs cond (encoder_hidden_states)")
+            out = self.unet(x, timestep, encoder_hidden_states=cond).sample
+        else:
+            out = self.unet(x, timestep, class_labels=cond).sample
+        out = out[:, : x.shape[1]]  # drop a learned-variance half, if any
+        if self.prediction_type == "epsilon":
+            return out
+        alpha, sigma = (per_sample(f(tt), x) for f in (self.schedule.alpha, self.schedule.sigma))
+        if self.prediction_type == "v_prediction":  # v = α ε − σ x_0  ⇒  ε = σ x_t + α v
+            return sigma * x + alpha * out
+        return (x - alpha * out) / sigma  # "sample": the network predicts x_0
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """ε_u + w (ε_c − ε_u) (Ho & Salimans 2022) as a model of the protocol.
+
+    Args:
+        model: a conditional model.
+        null_cond: the unconditional conditioning (one entry, broadcast over the batch).
+        scale: w; w = 1 is the conditional model, w = 0 the unconditional one.
+    Both branches go through the network in one batched call.
+
+    (docs/maths.md §8.4)
+    """
+
+    def __init__(self, model, null_cond: torch.Tensor, scale: float):
+        super().__init__()
+        self.model = model
+        self.schedule = model.schedule
+        self.null_cond = null_cond
+        self.scale = float(scale)
+
+    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("ClassifierFreeGuidance needs cond")
+        null = self.null_cond.to(cond).expand_as(cond)
+        tt = _time_column(t, x)
+        e = self.model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null]))
+        e_cond, e_uncond = e.chunk(2)
+        return e_uncond + self.scale * (e_cond - e_uncond)

@@ -1,0 +1,214 @@
+"""Explicit Runge–Kutta solvers for the probability-flow ODE, in a registry.
+
+In y = x/α and ρ = σ/α = e^{−λ} the probability-flow ODE of a noise-prediction model is
+
+    dy/dρ = f(y, ρ) = ε(α(ρ) y, t(ρ)),      α(ρ) = 1/sqrt(1 + ρ²),  t(ρ) = t(λ = −log ρ).
+
+(Lu et al. 2022, DPM-Solver, eq. 3.4; Song et al. 2021, DDIM, eq. 14.) Explicit Euler in
+(y, ρ) is exactly DDIM with η = 0; Heun and classic RK4 on the same ODE are 2nd and 4th
+order. A new explicit tableau is one entry of :data:`SOLVERS`; the gradient engines
+(:mod:`sagkit.gradients`) declare which entries they support.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .frames import rho_of_t
+from .registry import Registry
+from .schedules import check_time
+
+__all__ = [
+    "Tableau",
+    "SOLVERS",
+    "register_solver",
+    "solve",
+    "check_grid",
+    "ProbabilityFlow",
+    "rk_stages",
+    "rk_step",
+]
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit Butcher tableau: stages U_i = u + h Σ_{j<i} a_ij k_j, k_i = f(U_i, ρ + c_i h),
+    step u' = u + h Σ_i b_i k_i. ``a`` is strictly lower triangular, given as its rows."""
+
+    name: str
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+    order: int
+
+    def __post_init__(self):
+        s = len(self.b)
+        if (
+            len(self.c) != s
+            or len(self.a) != s
+            or any(len(row) != i for i, row in enumerate(self.a))
+        ):
+            raise ValueError(
+                f"tableau {self.name!r}: a must be strictly lower triangular with {s} rows"
+            )
+        if not math.isclose(sum(self.b), 1.0):
+            raise ValueError(f"tableau {self.name!r}: weights b must sum to 1")
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+
+SOLVERS: Registry[Tableau] = Registry("solver")
+"""The explicit tableaus by name; :func:`register_solver` adds one."""
+
+
+def register_solver(tableau: Tableau, *, replace: bool = False) -> Tableau:
+    """Add an explicit tableau under ``tableau.name``; a taken name needs ``replace=True``."""
+    return SOLVERS.register(tableau.name, tableau, replace=replace)
+
+
+register_solver(Tableau("ddim", a=((),), b=(1.0,), c=(0.0,), order=1))  # Euler in (y, ρ)
+register_solver(Tableau("heun", a=((), (1.0,)), b=(0.5, 0.5), c=(0.0, 1.0), order=2))
+register_solver(
+    Tableau(
+        "rk4",
+        a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+        b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
+        c=(0.0, 0.5, 0.5, 1.0),
+        order=4,
+    )
+)
+
+
+def check_grid(ts) -> torch.Tensor:
+    """Validate a time grid: 1-D, at least 2 entries, strictly decreasing, in [0, 1], starting in (0, 1]."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"ts must be strictly decreasing, got {ts.tolist()}")
+    check_time(ts[0], "ts[0]")
+    check_time(ts[-1], "ts[-1]", allow_zero=True)
+    return ts
+
+
+class ProbabilityFlow:
+    """The right-hand side f(y, ρ) = ε(α(ρ) y, t(ρ), cond) of the ODE in (y, ρ).
+
+    Args:
+        model: a model of the protocol.
+        cond: conditioning passed to ``model.eps``.
+    ``nfe`` counts network calls.
+
+    (docs/maths.md §2.1)
+    """
+
+    def __init__(self, model, cond=None):
+        self.model = model
+        self.schedule = model.schedule
+        self.cond = cond
+        self.nfe = 0
+
+    def t_of_rho(self, rho: float) -> float:
+        return 0.0 if rho == 0 else self.schedule.t_of_lam(-math.log(rho))
+
+    def __call__(
+        self, y: torch.Tensor, rho: float, t: float | None = None, cond=None
+    ) -> torch.Tensor:
+        """f(y, ρ); pass ``t`` when it is known exactly (grid points), and ``cond`` to override."""
+        alpha = 1.0 / math.sqrt(1.0 + rho**2)
+        self.nfe += 1
+        t = self.t_of_rho(rho) if t is None else t
+        return self.model.eps(alpha * y, t, self.cond if cond is None else cond)
+
+    def to_y(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """y = x / α_t."""
+        return x / self.schedule.alpha(float(t))
+
+    def to_x(self, y: torch.Tensor, t: float) -> torch.Tensor:
+        """x = α_t y."""
+        return self.schedule.alpha(float(t)) * y
+
+
+def rk_stages(
+    f: Callable, y: torch.Tensor, rho: float, h: float, tableau: Tableau, t: float, *, cond=None
+):
+    """The stage states U_i and slopes k_i of one explicit RK step from (y, ρ) with step h.
+
+    ``t`` is the time at ρ (the grid point), used for stages with c_i = 0.
+    Returns two lists of length ``tableau.stages``.
+
+    (docs/maths.md §2.3)
+    """
+    states, slopes = [], []
+    for i in range(tableau.stages):
+        u = y
+        for a_ij, k_j in zip(tableau.a[i], slopes, strict=True):
+            if a_ij:
+                u = u + (h * a_ij) * k_j
+        states.append(u)
+        c = tableau.c[i]
+        slopes.append(f(u, rho + c * h, t if c == 0 else None, cond))
+    return states, slopes
+
+
+def rk_step(
+    f: Callable, y: torch.Tensor, rho: float, h: float, tableau: Tableau, t: float, *, cond=None
+):
+    """One explicit RK step: y + h Σ_i b_i k_i.
+
+    (docs/maths.md §2.2, §2.3)
+    """
+    _, slopes = rk_stages(f, y, rho, h, tableau, t, cond=cond)
+    out = y
+    for b_i, k_i in zip(tableau.b, slopes, strict=True):
+        if b_i:
+            out = out + (h * b_i) * k_i
+    return out
+
+
+def solve(
+    model,
+    x: torch.Tensor,
+    ts,
+    *,
+    solver: str = "ddim",
+    cond=None,
+    callback=None,
+    progress: bool = False,
+):
+    """Solve the probability-flow ODE from ``ts[0]`` to ``ts[-1]``; return the state at ``ts[-1]``.
+
+    Args:
+        model: a model of the protocol.
+        x: (B, ...) state at ``ts[0]``.
+        ts: strictly decreasing times, ``ts[0]`` in (0, 1] and ``ts[-1]`` in [0, 1]
+            (see :func:`sagkit.time_grid`). n = len(ts) − 1 steps.
+        solver: a name in :data:`SOLVERS` ("ddim", "heun", "rk4").
+        cond: conditioning passed to the model.
+        callback: called as ``callback(i, t_i, x_i)`` at every grid point, i = 0..n.
+        progress: show a progress bar.
+    Returns:
+        (B, ...) state at ``ts[-1]``, x's dtype. With t_end = 0 and ddim this is α_0 x̂0 = x̂0.
+
+    (docs/maths.md §2.3)
+    """
+    tableau = SOLVERS[solver]
+    ts = check_grid(ts)
+    f = ProbabilityFlow(model, cond)
+    y = f.to_y(x, ts[0])
+    if callback is not None:
+        callback(0, float(ts[0]), x)
+    for k in tqdm(range(len(ts) - 1), desc=f"solve {solver}", disable=not progress, leave=False):
+        t, s = float(ts[k]), float(ts[k + 1])
+        rho = rho_of_t(model.schedule, t)
+        y = rk_step(f, y, rho, rho_of_t(model.schedule, s) - rho, tableau, t)
+        if callback is not None:
+            callback(k + 1, s, f.to_x(y, s))
+    return f.to_x(y, ts[-1])

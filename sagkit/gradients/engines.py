@@ -1,0 +1,273 @@
+"""The built-in gradient engines through the solve: backprop, checkpoint, symplectic, adjoint.
+
+- "backprop": autograd through the unrolled solve. Exact; saved activations grow linearly in n.
+- "checkpoint": ``torch.utils.checkpoint`` around every step. Exact; keeps the n + 1 states and
+  recomputes one step at a time in backward.
+- "symplectic": the symplectic adjoint (Matsubara, Miyatake & Yaguchi 2021), as used by SAG
+  (Pan et al. 2023). Exact up to rounding; keeps the n + 1 states, one step's graph at a time.
+- "adjoint": the vanilla continuous adjoint of ``torchdiffeq.odeint_adjoint``. Approximate.
+
+Each engine is a :class:`~sagkit.gradients.api.GradientMethod` in :data:`BUILTIN`; the
+package registers them (docs/maths.md §5 has the formulas, §9 what each keeps in memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from ..core.frames import rho_of_t
+from ..core.solvers import SOLVERS, ProbabilityFlow, rk_stages, rk_step, solve
+from .api import WRT, GradientMethod, evaluate_loss, flat_targets, grad_of, make_leaves, unflatten
+from .memory import checkpoint_contexts, hold
+
+__all__ = ["BUILTIN", "TORCHDIFFEQ_METHODS"]
+
+
+def _backprop(model, loss_fn, x, ts, *, solver, cond, names):
+    """Autograd through the unrolled solve: exact for Φ, memory linear in the number of steps.
+
+    (docs/maths.md §5.2)
+    """
+    x, cond, targets = make_leaves(model, x, cond, names)
+    with torch.enable_grad():
+        loss = evaluate_loss(loss_fn, solve(model, x, ts, solver=solver, cond=cond))
+        return loss, grad_of(loss, targets, names)
+
+
+def _steps(schedule, ts) -> list[tuple[float, float, float]]:
+    """(t_k, ρ_k, h_k = ρ_{k+1} − ρ_k) for k = 0..n−1: the very floats :func:`solve` steps with."""
+    rhos = [rho_of_t(schedule, float(t)) for t in ts]
+    return [(float(ts[k]), rhos[k], rhos[k + 1] - rhos[k]) for k in range(len(ts) - 1)]
+
+
+def _checkpoint(model, loss_fn, x, ts, *, solver, cond, names):
+    """``torch.utils.checkpoint`` (non-reentrant) around every step of the unrolled solve.
+
+    The forward keeps each step's input y_k (n + 1 states in all); the backward recomputes one
+    step at a time and backpropagates through it. Exact for Φ (the same operations as
+    "backprop", in the same order); costs one extra forward.
+
+    (docs/maths.md §5.2)
+    """
+    tableau = SOLVERS[solver]
+    x, cond, targets = make_leaves(model, x, cond, names)
+    f = ProbabilityFlow(model, cond)
+    with torch.enable_grad():
+        y = f.to_y(x, ts[0])
+        for t, rho, h in _steps(model.schedule, ts):
+            y = torch_checkpoint(
+                rk_step,
+                f,
+                y,
+                rho,
+                h,
+                tableau,
+                t,
+                use_reentrant=False,
+                context_fn=checkpoint_contexts,
+            )
+        loss = evaluate_loss(loss_fn, f.to_x(y, ts[-1]))
+        return loss, grad_of(loss, targets, names)
+
+
+def _stage_graphs(f, y, rho, h, tableau, t):
+    """Recompute the stages of one step from its stored state y, each U_i a fresh leaf.
+
+    Returns ``(U, k)``: lists of the s stage states U_i (leaves that require grad) and slopes
+    k_i = f(U_i) with their graphs, which reach only U_i, cond and θ. The stage values are
+    those of :func:`sagkit.core.solvers.rk_step` bit for bit (the same calls in the same order).
+
+    (docs/maths.md §5.3)
+    """
+    leaves, slopes = [], []
+
+    def f_leaf(u, r, tt, c):
+        u = u.detach().requires_grad_()
+        with torch.enable_grad():
+            k = f(u, r, tt, c)
+        leaves.append(u)
+        slopes.append(k)
+        return k.detach()
+
+    with torch.no_grad():
+        rk_stages(f_leaf, y, rho, h, tableau, t)
+    return leaves, slopes
+
+
+def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
+    """The symplectic adjoint method (Matsubara, Miyatake & Yaguchi 2021) of an explicit RK solve.
+
+    As in Symplectic Adjoint Guidance (Pan et al. 2023), on the probability-flow ODE in
+    y = x/α and ρ = σ/α, dy/dρ = f(y, ρ) = ε(α(ρ) y, t(ρ), z). Forward, under ``no_grad``,
+    keep only the states y_0..y_n, each of x's shape (B, ...): y_0 = x/α_{t_0} and
+
+        U_i = y_k + h Σ_{j<i} a_ij k_j,   k_i = f(U_i, ρ_k + c_i h),   y_{k+1} = y_k + h Σ_i b_i k_i.
+
+    With x_out = α_{t_n} y_n the adjoint starts at λ_n = ∂L/∂y_n = α_{t_n} ∂L/∂x_out. Backward,
+    for k = n−1..0, recompute the stages of step k from y_k (one step's graph alive at a time)
+    and, for i = s..1, with μ_j = J(U_j)ᵀ Λ_j, J = ∂f/∂y (a vector–Jacobian product):
+
+        Λ_i = λ_{k+1} + h Σ_{j>i} (b_j a_ji / b_i) μ_j,
+        λ_k = λ_{k+1} + h Σ_i b_i μ_i,
+        ∂L/∂z += h Σ_i b_i (∂f/∂z)(U_i)ᵀ Λ_i      (z the conditioning, or the parameters θ).
+
+    This is the adjoint Runge–Kutta scheme with a'_ij = b_j − b_j a_ji / b_i paired with the
+    forward tableau into a symplectic partitioned RK method, which conserves λᵀδy: λ_0 is the
+    exact gradient of the discrete map up to rounding. Finally ∂L/∂x = λ_0 / α_{t_0}. A
+    stage with b_i = 0 would need the special treatment of the paper; such tableaus are
+    not supported (declared in :data:`BUILTIN`). Cost: the forward's n·s network calls again, plus one vector–Jacobian product
+    each; memory: n + 1 states plus one step's activations.
+
+    (docs/maths.md §5.3)
+    """
+    tableau = SOLVERS[solver]
+    x, cond, targets = make_leaves(model, x, cond, names)
+    zs = flat_targets(targets, [w for w in names if w != "x"])  # cond and/or θ
+    f = ProbabilityFlow(model, cond)
+    steps = _steps(model.schedule, ts)
+
+    with torch.no_grad():  # forward: the states, no graphs
+        y = f.to_y(x.detach(), ts[0])
+        states = [hold(y)]
+        for t, rho, h in steps:
+            y = rk_step(f, y, rho, h, tableau, t)
+            states.append(hold(y))
+
+    with torch.enable_grad():  # the loss, and ∂L/∂x_out (plus any direct ∂L/∂z)
+        x_out = f.to_x(states.pop(), ts[-1]).requires_grad_()
+        loss = evaluate_loss(loss_fn, x_out)
+        g_out, *direct = torch.autograd.grad(loss, [x_out, *zs], allow_unused=True)
+    z_adj = [torch.zeros_like(z) if g is None else g for z, g in zip(zs, direct, strict=True)]
+    lam = f.to_x(g_out, ts[-1])  # λ_n = α_{t_n} ∂L/∂x_out
+    del x_out, g_out, direct
+
+    b, a = tableau.b, tableau.a
+    for t, rho, h in reversed(steps):
+        leaves, slopes = _stage_graphs(f, states.pop(), rho, h, tableau, t)
+        mu = [None] * tableau.stages
+        for i in reversed(range(tableau.stages)):
+            lam_i = lam
+            for j in range(i + 1, tableau.stages):
+                if a[j][i]:
+                    lam_i = lam_i + (h * b[j] * a[j][i] / b[i]) * mu[j]
+            vjp = torch.autograd.grad(slopes[i], [leaves[i], *zs], lam_i, allow_unused=True)
+            mu[i] = vjp[0]
+            for acc, g in zip(z_adj, vjp[1:], strict=True):
+                if g is not None:
+                    acc.add_(g, alpha=h * b[i])
+            slopes[i] = None  # this stage's graph is spent
+        for i in range(tableau.stages):
+            lam = lam + (h * b[i]) * mu[i]
+        del leaves, slopes, mu
+
+    grads = [f.to_y(lam, ts[0])] if "x" in names else []  # ∂L/∂x = λ_0 / α_{t_0}
+    grads.extend(z_adj)
+    return loss.detach(), unflatten(grads, targets, names)
+
+
+# torchdiffeq's fixed-grid methods that match sagkit's tableaus. Its "rk4" is the 3/8 rule
+# (rk4_alt_step_func), not the classic RK4 of sagkit's "rk4": same order, different tableau.
+TORCHDIFFEQ_METHODS = {"ddim": "euler", "heun": "heun2", "rk4": "rk4"}
+
+
+def _fixed_grid(rhos: torch.Tensor):
+    """A torchdiffeq ``grid_constructor`` stepping exactly on the ρ grid ``rhos`` (decreasing).
+
+    torchdiffeq negates decreasing time (forward ρ_0 → ρ_n, and again for the adjoint solve
+    ρ_n → ρ_0), so the grid is returned in the sign and orientation of the ``t`` it is asked
+    for, with its ends set to t's ends exactly (torchdiffeq checks that).
+    """
+
+    def construct(func, y0, t):
+        grid = rhos.to(t) if float(t[0] + t[-1]) > 0 else -rhos.to(t)
+        if bool(grid[0] > grid[-1]) != bool(t[0] > t[-1]):
+            grid = grid.flip(0)
+        grid = grid.clone()
+        grid[0], grid[-1] = t[0], t[-1]
+        return grid
+
+    return construct
+
+
+def _adjoint(model, loss_fn, x, ts, *, solver, cond, names):
+    """The vanilla continuous adjoint: ``torchdiffeq.odeint_adjoint`` on the (y, ρ) ODE.
+
+    The forward solves dy/dρ = f(y, ρ) with torchdiffeq's fixed-grid method matching ``solver``
+    ("ddim" → "euler", "heun" → "heun2", "rk4" → "rk4", which in torchdiffeq is the 3/8 rule,
+    not classic RK4) on the same ρ grid, passing only [ρ_0, ρ_n] as output times (the grid goes
+    in through ``options["grid_constructor"]``), so that only y_0 and y_n are stored. The
+    backward integrates the augmented system
+
+        dy/dρ = f(y, ρ),   da/dρ = −(∂f/∂y)ᵀ a,   da_z/dρ = −(∂f/∂z)ᵀ a
+
+    from ρ_n back to ρ_0 with the same method on the same grid, re-solving the state y
+    backwards instead of using the forward's states. The result approximates the gradient of
+    the exact ODE flow, not of the discrete solve Φ: its error against the exact discrete
+    gradient falls with n (O(h) for Euler) but can be large at few steps. Not exact.
+    ``wrt`` "cond" and "params" go in as ``adjoint_params``.
+
+    (docs/maths.md §5.4)
+    """
+    method = TORCHDIFFEQ_METHODS[solver]
+    from torchdiffeq import odeint_adjoint
+
+    x, cond, targets = make_leaves(model, x, cond, names)
+    f = ProbabilityFlow(model, cond)
+    rhos = [rho_of_t(model.schedule, float(t)) for t in ts]
+    t_at = {r: float(t) for r, t in zip(rhos, ts, strict=True)}  # exact times at grid points
+    grid = torch.tensor(rhos, dtype=torch.float64, device=x.device)
+
+    def rhs(rho, y):
+        r = float(rho.detach())
+        return f(y, r, t_at.get(r))
+
+    adjoint_params = tuple(flat_targets(targets, [w for w in names if w != "x"]))
+    with torch.enable_grad():
+        y = odeint_adjoint(
+            rhs,
+            f.to_y(x, ts[0]),
+            grid[[0, -1]],
+            method=method,
+            options={"grid_constructor": _fixed_grid(grid)},
+            adjoint_params=adjoint_params,
+        )[-1]
+        loss = evaluate_loss(loss_fn, f.to_x(y, ts[-1]))
+        return loss, grad_of(loss, targets, names)
+
+
+BUILTIN = (
+    GradientMethod(
+        "backprop",
+        _backprop,
+        wrt=WRT,
+        exact=True,
+        description="autograd through every step; memory grows linearly with n",
+    ),
+    GradientMethod(
+        "checkpoint",
+        _checkpoint,
+        wrt=WRT,
+        exact=True,
+        description="torch.utils.checkpoint around every step: keeps the states, recomputes steps",
+    ),
+    GradientMethod(
+        "symplectic",
+        _symplectic,
+        wrt=WRT,
+        exact=True,
+        description="symplectic adjoint: stores the n+1 states, one step's graph at a time",
+        solvers=lambda tableau: all(b != 0 for b in tableau.b),
+        solver_rule="tableaus whose weights b_i are all nonzero",
+    ),
+    GradientMethod(
+        "adjoint",
+        _adjoint,
+        wrt=WRT,
+        exact=False,
+        description="vanilla continuous adjoint (torchdiffeq): re-solves the state backwards; approximate",
+        solvers=lambda tableau: tableau.name in TORCHDIFFEQ_METHODS,
+        solver_rule="the tableaus with a torchdiffeq counterpart",
+    ),
+)
+"""The engines of this module, registered by :mod:`sagkit.gradients`."""

@@ -1,0 +1,3 @@
+"""Training-free guidance on top of the gradient engines: the guided sampler and its step rules
+(:mod:`.sampler`), guidance losses (:mod:`.losses`), latent optimisation and morphing
+(:mod:`.optimize`) and the latent-diffusion pieces (:mod:`.latent`)."""

@@ -1,0 +1,243 @@
+"""Benchmark of the gradient engines: accuracy, time, memory and network calls against n.
+
+    from sagkit.lab.bench import bench_table, run_benchmark
+
+    rows = run_benchmark(model="unet", dtype="float32", ns=(8, 16, 64))
+    print(bench_table(rows))
+
+For every n and every method in :data:`sagkit.METHODS`, on a loss of the solve's output
+L(x) = ½ Σ_b ‖x_b − target_b‖²:
+
+- ``rel_err_exact``: ‖g − g*‖ / ‖g*‖, g* the exact gradient of the discrete solve (backprop
+  through a float64 copy of the model);
+- ``rel_err_fd``: |⟨g, v⟩ − D| / |D|, D the float64 central difference along a random v
+  (:func:`sagkit.finite_difference`, with Richardson extrapolation);
+- ``time_s``: best of ``repeats`` rounds without hooks, the methods taking turns within a round,
+  and ``time_rel``: over backprop's, measured in the same rounds;
+- ``saved_bytes``, ``cuda_peak_bytes``, ``model_calls``: from :func:`sagkit.profile_gradient`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.device import resolve_device
+from ..core.models import DiffusersModel, GaussianMixture
+from ..core.schedules import time_grid
+from ..gradients import METHODS, finite_difference, loss_grad
+from .profiling import profile_gradient
+
+__all__ = ["build_model", "run_benchmark", "gradient_accuracy", "bench_table"]
+
+MODELS = ("mixture", "unet")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def build_model(name: str = "unet", *, seed: int = 0):
+    """A benchmark model (float64, CPU) and the shape of one sample.
+
+    - "mixture": the exact digits mixture (64 components, 8×8, linear schedule);
+    - "unet": a random diffusers ``UNet2DModel`` (8×8, channels (32, 64), ~650k parameters)
+      with a 1000-step DDIM schedule; random weights are enough to measure gradients.
+    """
+    if name == "mixture":
+        return GaussianMixture.digits(n_components=64), (1, 8, 8)
+    if name == "unet":
+        from diffusers import DDIMScheduler, UNet2DModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )
+        scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+        return DiffusersModel(unet.double().eval(), scheduler), (1, 8, 8)
+    raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def _interleaved_times(model, loss_fn, x, ts, *, solver, methods, repeats: int) -> dict:
+    """Best wall time of each method over ``repeats`` rounds, the methods taking turns in each
+    round, so that a busy machine slows them alike (no saved-tensor hooks while timing)."""
+    best = dict.fromkeys(methods, math.inf)
+    for _ in range(repeats):
+        for method in methods:
+            report = profile_gradient(
+                model, loss_fn, x, ts, method=method, solver=solver, track_saved=False
+            )
+            best[method] = min(best[method], report.wall_time_s)
+    return best
+
+
+def _relative_errors(g: torch.Tensor, g_ref: torch.Tensor, v: torch.Tensor, fd: float) -> dict:
+    g = g.double()
+    return {
+        "rel_err_exact": float((g - g_ref).norm() / g_ref.norm()),
+        "rel_err_fd": abs(float((g * v).sum()) - fd) / abs(fd),
+    }
+
+
+def _methods(methods) -> list[str]:
+    methods = list(METHODS) if methods is None else list(methods)
+    for method in methods:
+        METHODS[method]  # an unknown name raises the registry's error
+    return methods
+
+
+def gradient_accuracy(
+    model,
+    loss_fn,
+    x: torch.Tensor,
+    *,
+    ns=(2, 4, 8, 16, 32, 64),
+    methods=None,
+    solver: str = "ddim",
+    t_start: float = 0.9,
+    t_end: float | None = None,
+    v: torch.Tensor | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
+    """Relative errors of every method's ∂L/∂x against the exact discrete gradient and against
+    finite differences, for each n: one dict per (n, method) with keys n, method, exact,
+    rel_err_exact, rel_err_fd (or ``error``: why the method does not support the configuration,
+    from :meth:`GradientMethod.refusal`).
+
+    Everything runs in float64 (model, x (B, ...), the direction v, by default a seeded
+    Gaussian): the errors are then the methods' own, not float32 rounding. The grid runs
+    from ``t_start`` to ``t_end`` (default: the schedule's ``t_min``) in n steps uniform in t.
+    """
+    methods = _methods(methods)
+    if v is None:
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
+    t_end = model.schedule.t_min if t_end is None else t_end
+    rows = []
+    for n in tqdm(ns, desc="accuracy", disable=not progress):
+        ts = time_grid(model.schedule, t_start, t_end, int(n))
+        _, g_ref = loss_grad(model, loss_fn, x, ts, method="backprop", solver=solver)
+        fd = finite_difference(model, loss_fn, x, ts, v, solver=solver)
+        for method in methods:
+            row = {"n": int(n), "method": method, "exact": METHODS[method].exact}
+            reason = METHODS[method].refusal(solver, ts)
+            if reason is not None:
+                rows.append({**row, "error": reason})
+                continue
+            _, g = loss_grad(model, loss_fn, x, ts, method=method, solver=solver)
+            rows.append({**row, **_relative_errors(g, g_ref, v, fd)})
+    return rows
+
+
+def run_benchmark(
+    *,
+    model: str = "unet",
+    dtype: str = "float32",
+    ns=(8, 16, 64),
+    solver: str = "ddim",
+    device: str = "auto",
+    methods=None,
+    batch: int = 2,
+    t_start: float = 0.9,
+    repeats: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Benchmark every method (or those named in ``methods``) for each n; return one dict per row.
+
+    Each solve runs from ``t_start`` to the schedule's ``t_min`` in n steps uniform in t, on a
+    batch of ``batch`` samples. Keys of a row: model, dtype, device, solver, n, method, exact,
+    rel_err_exact, rel_err_fd, time_s, time_rel, saved_bytes, cuda_peak_bytes, model_calls; a
+    method that does not support the configuration gets a row with ``error`` (its
+    :meth:`GradientMethod.refusal`) instead.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    methods = _methods(methods)
+    dev = resolve_device(device)
+    reference, shape = build_model(model, seed=seed)
+    reference = reference.to(dev)
+    net = copy.deepcopy(reference).to(DTYPES[dtype])
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
+    target = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
+    v = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
+    x = x64.to(DTYPES[dtype])
+
+    def loss_fn(out):
+        return 0.5 * (out - target.to(out.dtype)).flatten(1).pow(2).sum(1)
+
+    rows = []
+    bar = tqdm(total=len(ns) * len(methods), desc="bench", disable=not progress)
+    for n in ns:
+        ts = time_grid(reference.schedule, t_start, reference.schedule.t_min, int(n))
+        _, g_ref = loss_grad(reference, loss_fn, x64, ts, method="backprop", solver=solver)
+        fd = finite_difference(reference, loss_fn, x64, ts, v, solver=solver)
+        common = {"model": model, "dtype": dtype, "device": str(dev), "solver": solver, "n": int(n)}
+        errors = {m: METHODS[m].refusal(solver, ts) for m in methods}
+        errors = {m: reason for m, reason in errors.items() if reason is not None}
+        timed = ["backprop", *(m for m in methods if m not in errors and m != "backprop")]
+        for method in timed:  # a warm-up
+            loss_grad(net, loss_fn, x, ts, method=method, solver=solver)
+        times = _interleaved_times(
+            net, loss_fn, x, ts, solver=solver, methods=timed, repeats=repeats
+        )
+        for method in methods:
+            row = {**common, "method": method, "exact": METHODS[method].exact}
+            if method in errors:
+                rows.append({**row, "error": errors[method]})
+                bar.update()
+                continue
+            report = profile_gradient(net, loss_fn, x, ts, method=method, solver=solver)
+            row.update(
+                **_relative_errors(report.result[1], g_ref, v, fd),
+                time_s=times[method],
+                time_rel=times[method] / times["backprop"],
+                saved_bytes=report.saved_bytes,
+                cuda_peak_bytes=report.cuda_peak_bytes,
+                model_calls=report.model_calls,
+            )
+            rows.append(row)
+            bar.update()
+    bar.close()
+    return rows
+
+
+def _bytes(b) -> str:
+    if b is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(b) < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def bench_table(rows: list[dict]) -> str:
+    """The rows as a fixed-width text table (one line per method × n)."""
+    if not rows:
+        return "(no rows)"
+    head, w = rows[0], max(11, *(len(r["method"]) + 2 for r in rows))
+    lines = [
+        f"model={head['model']} dtype={head['dtype']} solver={head['solver']} device={head['device']}",
+        f"{'n':>4}  {'method':<{w}}{'rel.err exact':>14}{'rel.err FD':>12}{'time':>10}"
+        f"{'time/bp':>9}{'saved':>12}{'CUDA peak':>12}{'calls':>7}",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['n']:>4}  {r['method']:<{w}}  n/a: {r['error']}")
+            continue
+        lines.append(
+            f"{r['n']:>4}  {r['method']:<{w}}{r['rel_err_exact']:>14.2e}{r['rel_err_fd']:>12.2e}"
+            f"{r['time_s']:>9.3f}s{r['time_rel']:>9.2f}{_bytes(r['saved_bytes']):>12}"
+            f"{_bytes(r['cuda_peak_bytes']):>12}{r['model_calls']:>7}"
+        )
+    return "\n".join(lines)
