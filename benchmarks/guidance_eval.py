@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     ctx = init_distributed(device=args.device)
     if args.verbose:
         handler = logging.StreamHandler()  # stderr
-        handler.setFormatter(logging.Formatter(f"[rank {ctx.rank}] %(message)s"))
+        handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("sagkit").addHandler(handler)
         logging.getLogger("sagkit").setLevel(logging.INFO)
     say = print if ctx.is_main else (lambda *a, **k: None)
