@@ -165,6 +165,8 @@ def evaluate_guidance(
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
     single process.
     """
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"need batch_size, num_samples >= 1, got {batch_size}, {num_samples}")
     tasks = default_tasks(classifier) if tasks is None else tasks
     p = next(model.parameters())
     size = model.unet.config.sample_size
@@ -196,7 +198,7 @@ def evaluate_guidance(
             "steps": steps,
             "window": [float(w) for w in window],
             "repeats": repeats,
-            "scale": dps_scale if plan[key][0] == "dps" else scale,
+            "scale": None if key[0] is None else dps_scale if plan[key][0] == "dps" else scale,
             "dtype": str(p.dtype),
             "device": p.device.type,
         }
