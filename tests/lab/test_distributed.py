@@ -38,6 +38,24 @@ def test_single_process_without_torchrun(monkeypatch):
     assert rank_and_world() == (0, 1) and gather({"a": 1}) == [{"a": 1}]
 
 
+@pytest.mark.parametrize(("device", "backend", "gpu"), [("cpu", "gloo", None), ("cuda", "nccl", 1)])
+def test_backend_and_gpu_follow_the_device(monkeypatch, device, backend, gpu):
+    """Under torchrun (its env vars): gloo on the CPU; NCCL on CUDA, local rank 3 of 2 GPUs
+    on GPU 1. The process group itself is not started here (the torchrun test below does)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    ctx = init_distributed(device=device)
+    assert (ctx.rank, ctx.world_size, ctx.backend) == (3, 4, backend)
+    assert ctx.device == (torch.device(device, gpu) if gpu is not None else torch.device("cpu"))
+    assert calls[-1]["backend"] == backend and calls[-1]["rank"] == 3
+    assert calls[-1]["world_size"] == 4
+
+
 def test_initial_noise_depends_on_seed_and_index_only():
     a = initial_noise(0, 5, (1, 4, 4))
     assert torch.equal(a, initial_noise(0, 5, (1, 4, 4))) and a.shape == (1, 1, 4, 4)
