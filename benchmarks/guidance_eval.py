@@ -3,9 +3,19 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 40 steps, ≈ 15 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --steps 20 --num-samples 16
 
+Data-parallel, resumable (README, "Scaling out evaluation sweeps"; :mod:`sagkit.lab.distributed`):
+
+    .venv/bin/torchrun --nproc-per-node 2 benchmarks/guidance_eval.py \
+        --batch-size 16 --out-dir results/shards --json results/guidance.json
+
+runs the shards (``--batch-size`` samples of one task and method) on 2 ranks, writes each to
+``--out-dir`` as it finishes and, run again, loads those instead of recomputing them. Only
+rank 0 prints and writes ``--json``; ``--verbose`` logs every rank's computed and loaded shards
+to stderr. ``--device cuda`` puts rank r on GPU r of its machine (NCCL).
+
 Uses the shipped digits UNet and classifier (``sk.load_pretrained("digits")``,
 ``sk.load_classifier("digits")``) and :func:`sagkit.evaluation.evaluate_guidance`. With
-``--json PATH`` the rows (without per-sample values) are also written there; keep results in
+``--json PATH`` the rows (with the per-sample losses) are also written there; keep results in
 the git-ignored ``results/`` folder.
 """
 
@@ -13,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 import sagkit as sk
+from sagkit.lab.distributed import close, init_distributed
 from sagkit.lab.evaluation import default_tasks, evaluate_guidance, guidance_table
 
 
@@ -35,6 +47,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dps-scale", type=float, default=None, help="DPS's ζ")
     parser.add_argument("--target", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per shard")
+    parser.add_argument("--out-dir", type=Path, default=None, help="shard files; resumes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (rank r: GPU r)")
+    parser.add_argument("--verbose", action="store_true", help="log shards, every rank")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--data",
@@ -43,21 +59,28 @@ def main(argv=None) -> None:
         help="folder with digits-unet/ and digits-classifier/ (default: the shipped weights)",
     )
     args = parser.parse_args(argv)
+    ctx = init_distributed(device=args.device)
+    if args.verbose:
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("sagkit").addHandler(handler)
+        logging.getLogger("sagkit").setLevel(logging.INFO)
+    say = print if ctx.is_main else (lambda *a, **k: None)
 
     unet_dir, classifier_dir = (
         (None, None)
         if args.data is None
         else (args.data / "digits-unet", args.data / "digits-classifier")
     )
-    model = sk.load_pretrained("digits", device="cpu", path=unet_dir)
-    classifier = sk.load_classifier("digits", device="cpu", path=classifier_dir)
+    model = sk.load_pretrained("digits", device=ctx.device, path=unet_dir)
+    classifier = sk.load_classifier("digits", device=ctx.device, path=classifier_dir)
     tasks = default_tasks(classifier, target=args.target)
     if args.tasks:
         tasks = [t for t in tasks if t.name in args.tasks]
-    print(
+    say(
         f"steps={args.steps} samples={args.num_samples} window={tuple(args.window)} "
         f"repeats={args.repeats} scale={args.scale} dps_scale={args.dps_scale} "
-        f"threads={torch.get_num_threads()}",
+        f"threads={torch.get_num_threads()} ranks={ctx.world_size} device={ctx.device}",
         flush=True,
     )
     start = time.perf_counter()
@@ -76,15 +99,19 @@ def main(argv=None) -> None:
             repeats=args.repeats,
             scale=args.scale,
             dps_scale=args.dps_scale,
+            batch_size=args.batch_size,
+            out_dir=args.out_dir,
         )
         rows.extend(part)
-        print(guidance_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
-    print(guidance_table(rows))
-    if args.json is not None:
+        say(guidance_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
+    say(guidance_table(rows))
+    if args.json is not None and ctx.is_main:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        kept = [{k: v for k, v in r.items() if k != "per_sample"} for r in rows]
+        kept = [r | {"per_sample": r["per_sample"].tolist()} for r in rows]
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        settings["world_size"] = ctx.world_size
         args.json.write_text(json.dumps({"args": settings, "rows": kept}, indent=1))
+    close()
 
 
 if __name__ == "__main__":

@@ -18,15 +18,50 @@ samples and the time. A row holds
   task's digit (all 1797 digits for a task without one; :func:`sagkit.digits.evaluation.frechet_distance`):
   how much the samples look like data of the class the task asks for. With 64 samples it is
   biased upwards, so compare rows, not absolute values;
-- ``sec_per_sample``: wall-clock time of the guided sampler divided by ``num_samples``.
+- ``sec_per_sample``: wall-clock seconds the guided sampler ran, summed over the shards (on
+  whatever ranks ran them) and divided by ``num_samples``: the cost of a sample to one
+  process, not the sweep's wall time (which is about that × N / ranks). Ranks sharing a
+  machine's cores slow each other, so it can exceed the single-process figure; a shard loaded
+  from ``out_dir`` brings the seconds of the run that computed it.
+
+Shards, seeds and ranks. The samples are cut into shards of ``batch_size`` consecutive
+indices, [0, b), [b, 2b), …; a shard of one task and one method is one sampler call, the unit
+of work. The initial noise of sample i is :func:`initial_noise` (seed, i): drawn from its own
+generator, a function of (seed, i) alone. ``guided_sample`` takes one generator per call for
+the time-travel noise, so that generator is seeded by (seed, the shard's first and last index):
+a shard's samples depend on (seed, its indices, the settings) and on nothing else — not on
+``num_samples`` beyond the shard, not on the other shards, not on which rank runs it (the
+batched network calls see the same batch). Under ``torchrun``
+(:mod:`sagkit.lab.distributed`) the (task, method, shard) units are dealt round robin to the
+ranks and the results gathered, so every rank returns the rows of the single-process run,
+exactly (tested with 2 CPU ranks in ``tests/lab/test_distributed.py``). Changing
+``batch_size`` changes the shards and so the time-travel noise and the samples: keep it fixed
+to compare runs. (Earlier, one generator drew all N noises at once and the time-travel seed
+was seed + 1 + the batch's first index; seeding each sample and shard by itself changed every
+number of a run, and the loss is now evaluated shard by shard, as the ranks do.)
+
+With ``out_dir`` every shard is written as it finishes, to
+``<task>__<rule>-n<n>__<first>-<end>.json`` (rule "none", "rms" — FreeDoM and SAG — or "dps";
+losses as JSON floats, samples as their raw bytes, both exact), with the settings it was run
+with; a rerun loads the shards it finds (and refuses a file written with other settings) and
+computes the rest. The settings do not cover the model's weights or the loss's definition:
+use a fresh folder when those change. Without a folder shared by the machines, a rank only
+sees its own machine's files; rank 0 writes every gathered shard it lacks, so its folder ends
+complete.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,8 +69,17 @@ from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
 from ..guidance.sampler import DEFAULT_WINDOW, GUIDANCE, guided_sample
+from .distributed import gather, rank_and_world, shard
 
-__all__ = ["GuidanceTask", "default_tasks", "evaluate_guidance", "guidance_table", "method_label"]
+__all__ = [
+    "GuidanceTask",
+    "default_tasks",
+    "evaluate_guidance",
+    "guidance_table",
+    "initial_noise",
+    "method_label",
+]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +143,7 @@ def evaluate_guidance(
     scale: float | None = None,
     dps_scale: float | None = None,
     batch_size: int = 64,
+    out_dir: str | Path | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """One row per (task, method, n); see the module docstring for the columns.
@@ -110,29 +155,87 @@ def evaluate_guidance(
         num_samples: samples per row; the noise of sample i is the same in every row.
         steps, window, repeats, scale: passed to :func:`sagkit.guided_sample` for every method
             (DPS included: equal time travel; ``dps_scale`` is its ζ).
-        batch_size: samples per sampler call.
+        batch_size: samples per sampler call, and so per shard (the unit of work that ranks
+            share and ``out_dir`` keeps).
+        out_dir: a folder for one JSON file per (task, method, shard), written as each shard
+            finishes; a shard whose file is already there (written with the same settings) is
+            loaded instead of run, so a killed sweep resumes where it stopped.
+        progress: progress bars (on rank 0 only).
+    Under ``torchrun`` (after :func:`sagkit.lab.distributed.init_distributed`) the shards are
+    split among the ranks and gathered; every rank returns the same rows, equal to those of a
+    single process.
     """
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"need batch_size, num_samples >= 1, got {batch_size}, {num_samples}")
     tasks = default_tasks(classifier) if tasks is None else tasks
     p = next(model.parameters())
     size = model.unet.config.sample_size
-    noise = torch.randn(
-        (num_samples, 1, size, size), generator=torch.Generator().manual_seed(seed)
-    ).to(p)
+    rank, _ = rank_and_world()
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    common = {
+        "steps": steps,
+        "window": window,
+        "repeats": repeats,
+        "progress": progress and rank == 0,
+    }
+    # "sag" with n = 1 is "freedom" exactly (tested): one computation per key serves both rows
+    plan = {}
+    for guidance, n in _methods(methods, ns):
+        key = (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
+        plan.setdefault(key, (guidance, n or 1))
+    bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+    units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
+
+    def settings_of(t, key, lo, hi) -> dict:  # what a shard file must match to be reused
+        return {
+            "task": tasks[t].name,
+            "guidance": key[0] or "none",
+            "n": key[1],
+            "samples": [lo, hi],
+            "seed": seed,
+            "steps": steps,
+            "window": [float(w) for w in window],
+            "repeats": repeats,
+            "scale": None if key[0] is None else dps_scale if plan[key][0] == "dps" else scale,
+            "dtype": str(p.dtype),
+            "device": p.device.type,
+        }
+
+    mine = {}
+    for t, key, (lo, hi) in shard(units):
+        settings = settings_of(t, key, lo, hi)
+        path = None if out is None else out / _shard_name(settings)
+        if path is not None and path.exists():
+            result = _read_shard(path, settings)
+            _log.info("rank %d loaded %s", rank, path.name)
+        else:
+            guidance, n = plan[key]
+            options = common | {"scale": settings["scale"]}
+            result = _run_shard(model, tasks[t].loss, guidance, n, seed, lo, hi, size, options)
+            if path is not None:
+                _write_shard(path, settings, result)
+            _log.info("rank %d computed %s", rank, path.name if path else settings)
+        mine[(t, key, (lo, hi))] = result
+    results = {}
+    for part in gather(mine):
+        results.update(part)
+    if out is not None and rank == 0:  # without a shared folder, rank 0's gets every shard
+        for t, key, (lo, hi) in units:
+            settings = settings_of(t, key, lo, hi)
+            if not (out / _shard_name(settings)).exists():
+                _write_shard(out / _shard_name(settings), settings, results[(t, key, (lo, hi))])
+
     data, data_labels = digits_dataset("all", size=size, dtype=p.dtype)
-    common = {"steps": steps, "window": window, "repeats": repeats, "progress": progress}
     rows = []
-    for task in tasks:
-        done = {}  # "sag" with n = 1 is "freedom" exactly (tested): run that computation once
+    for t, task in enumerate(tasks):
         for guidance, n in _methods(methods, ns):
             key = (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
-            if key not in done:
-                options = common | {"scale": dps_scale if guidance == "dps" else scale}
-                done[key] = _sample_in_batches(
-                    model, task.loss, noise, guidance, n or 1, seed, batch_size, options
-                )
-            x, elapsed = done[key]
-            with torch.no_grad():
-                values = task.loss(x).double().cpu()
+            parts = [results[(t, key, b)] for b in bounds]
+            x = torch.cat([r["samples"] for r in parts]).to(p.device)
+            values = torch.cat([r["loss"] for r in parts])
+            elapsed = sum(r["seconds"] for r in parts)
             label = -1 if task.label is None else task.label
             real = data if task.label is None else data[data_labels == task.label]
             quality = evaluate_samples(classifier, x, torch.full((len(x),), label), real)
@@ -153,20 +256,69 @@ def evaluate_guidance(
     return rows
 
 
-def _sample_in_batches(model, loss, noise, guidance, n, seed, batch_size, options):
-    """:func:`sagkit.guided_sample` over ``noise`` in batches: (samples, seconds spent)."""
-    samples, elapsed = [], 0.0
-    for i in range(0, len(noise), batch_size):
-        generator = torch.Generator().manual_seed(seed + 1 + i)
-        start = time.perf_counter()
-        batch = noise[i : i + batch_size]
-        samples.append(
-            guided_sample(
-                model, loss, batch, guidance=guidance, n=n, generator=generator, **options
-            )
+def initial_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The initial noise of sample ``index``: (1, *shape) float64 on the CPU, a function of
+    (seed, index) alone, so no batch, shard or rank can change it."""
+    generator = torch.Generator().manual_seed(_derived_seed(seed, "noise", index))
+    return torch.randn((1, *shape), generator=generator, dtype=torch.float64)
+
+
+def _derived_seed(*parts) -> int:
+    """A 63-bit seed from the parts (a hash, so (seed, i) and (seed + 1, i − 1) do not meet)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _run_shard(model, loss, guidance, n, seed, lo, hi, size, options) -> dict:
+    """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time."""
+    p = next(model.parameters())
+    x_T = torch.cat([initial_noise(seed, i, (1, size, size)) for i in range(lo, hi)]).to(p)
+    generator = torch.Generator().manual_seed(_derived_seed(seed, "time travel", lo, hi))
+    start = time.perf_counter()
+    x = guided_sample(model, loss, x_T, guidance=guidance, n=n, generator=generator, **options)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        values = loss(x).double().cpu()
+    return {"samples": x.detach().cpu(), "loss": values, "seconds": seconds}
+
+
+def _shard_name(settings: dict) -> str:
+    lo, hi = settings["samples"]
+    return f"{settings['task']}__{settings['guidance']}-n{settings['n']}__{lo:06d}-{hi:06d}.json"
+
+
+def _write_shard(path: Path, settings: dict, result: dict) -> None:
+    """The shard as JSON, exactly: losses as floats (repr round-trips), samples as raw bytes."""
+    x = result["samples"].contiguous()
+    record = {
+        "settings": settings,
+        "seconds": result["seconds"],
+        "loss": result["loss"].tolist(),
+        "samples": {
+            "dtype": str(x.dtype).removeprefix("torch."),
+            "shape": list(x.shape),
+            "base64": base64.b64encode(x.view(torch.uint8).numpy().tobytes()).decode(),
+        },
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written shard behind
+
+
+def _read_shard(path: Path, settings: dict) -> dict:
+    record = json.loads(path.read_text())
+    if record["settings"] != settings:
+        raise ValueError(
+            f"{path} was written with other settings ({record['settings']}, now {settings}); "
+            "use another out_dir or delete the file"
         )
-        elapsed += time.perf_counter() - start
-    return torch.cat(samples), elapsed
+    s = record["samples"]
+    raw = bytearray(base64.b64decode(s["base64"]))
+    x = torch.frombuffer(raw, dtype=torch.uint8).view(getattr(torch, s["dtype"]))
+    loss = torch.tensor(record["loss"], dtype=torch.float64)
+    return {"samples": x.reshape(s["shape"]), "loss": loss, "seconds": record["seconds"]}
 
 
 def guidance_table(rows: Sequence[dict], *, baseline: str = "freedom") -> str:

@@ -65,3 +65,43 @@ def test_evaluation_rows_and_table(digits_model, classifier):
     assert torch.equal(by["freedom"]["per_sample"], by["sag n=1"]["per_sample"])
     table = guidance_table(rows)
     assert "sag n=2" in table and len(table.splitlines()) == 2 + len(rows)
+
+
+def test_evaluation_resumes_from_shard_files(digits_model, classifier, tmp_path, caplog):
+    """Shard files are written as shards finish; a rerun loads them and recomputes only the
+    missing one, with the same rows; files of other settings are refused, not mixed in."""
+    tasks = [GuidanceTask("class", losses.target_class(classifier, 3), 3)]
+    options = {"tasks": tasks, "methods": ("none", "freedom"), "num_samples": 4, "steps": 3}
+    options |= {"batch_size": 2}
+    fresh = evaluate_guidance(digits_model, classifier, **options)
+    first = evaluate_guidance(digits_model, classifier, out_dir=tmp_path, **options)
+    files = sorted(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == [
+        f"class__{g}-n1__{lo:06d}-{lo + 2:06d}.json" for g in ("none", "rms") for lo in (0, 2)
+    ]
+    files[1].unlink()
+    mtimes = {f.name: f.stat().st_mtime_ns for f in files if f.exists()}
+    with caplog.at_level("INFO", logger="sagkit.lab.evaluation"):
+        again = evaluate_guidance(digits_model, classifier, out_dir=tmp_path, **options)
+    computed = [r.getMessage() for r in caplog.records if "computed" in r.getMessage()]
+    assert computed == [f"rank 0 computed {files[1].name}"]
+    assert sum("loaded" in r.getMessage() for r in caplog.records) == 3
+    assert all(f.stat().st_mtime_ns == mtimes[f.name] for f in files if f.name in mtimes)
+    for a, b, c in zip(fresh, first, again, strict=True):
+        assert torch.equal(a["per_sample"], b["per_sample"])
+        assert torch.equal(a["per_sample"], c["per_sample"])
+        assert (a["fd"], a["accuracy"]) == (c["fd"], c["accuracy"])
+        assert c["sec_per_sample"] > 0
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_guidance(digits_model, classifier, out_dir=tmp_path, **options | {"seed": 1})
+
+
+def test_a_shard_depends_on_its_samples_only(digits_model, classifier):
+    """Shard [0, 2) is the same computation in a run of 2 samples and in one of 6 (noise and
+    time travel seeded by (seed, sample indices), never by the other shards or the rank)."""
+    tasks = [GuidanceTask("class", losses.target_class(classifier, 3), 3)]
+    options = {"tasks": tasks, "methods": ("freedom",), "steps": 3, "batch_size": 2}
+    two = evaluate_guidance(digits_model, classifier, num_samples=2, **options)[0]
+    six = evaluate_guidance(digits_model, classifier, num_samples=6, **options)[0]
+    assert torch.equal(two["per_sample"], six["per_sample"][:2])
+    assert not torch.equal(six["per_sample"][:2], six["per_sample"][2:4])
