@@ -1,6 +1,6 @@
 """Time and memory of the budgeted engine against its budget; guided sampling with ε reuse.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget.py              # ≈ 4 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget.py              # 2–6 min on 2 shared cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget.py --rounds 2 --ns 1 3 8
 
 On the shipped digits UNet (``sk.load_pretrained("digits")``, float32) with the shipped
@@ -8,8 +8,9 @@ classifier's target-class loss of the n-step DDIM estimate x̂0 = Φ_n(x_t) (t =
 
 1. for each n, the gradient engines backprop, checkpoint, symplectic and "budgeted" keeping the
    graphs of the last m steps (m = 0, 1, ⌈n/2⌉, n): wall time over backprop's (the median over
-   ``--rounds`` rounds, after an untimed one, of the ratio within a round; the engines take
-   turns in each round; no hooks while timing), the network calls, and the saved bytes of ``profile_gradient`` (one extra, hooked, run);
+   ``--rounds`` rounds, after an untimed one, of the ratio within a round, and the
+   ratio of the best times; the engines take turns in each round; no hooks while timing), the
+   network calls, and the saved bytes of ``profile_gradient`` (one extra, hooked, run);
 2. ``guided_sample`` (FreeDoM, SAG n = 3) with and without the reuse of the base step's ε
    (``sagkit.guidance.sampler.REUSE_EPS``), in turns: time per image and network calls.
 
@@ -73,6 +74,7 @@ def gradient_rows(model, loss_fn, x, cond, *, ns, rounds: int, t: float = 0.6) -
                     "time_s": min(times[name]),
                     "time_vs_backprop": statistics.median(per_round[name]),
                     "ratio_range": [min(per_round[name]), max(per_round[name])],
+                    "best_vs_best_backprop": min(times[name]) / min(times["backprop"]),
                     "saved_bytes": report.saved_bytes,
                     "model_calls": report.model_calls,
                 }
@@ -150,12 +152,13 @@ def main(argv=None) -> None:
         f"\ngradient of L(Φ_n(x_t)), digits UNet float32, batch {args.batch}, {torch.get_num_threads()} threads"
     )
     print(
-        f"{'n':>3} {'engine':<16} {'time/backprop':>13} {'range':>11} {'saved MB':>9} {'calls':>6}"
+        f"{'n':>3} {'engine':<16} {'time/backprop':>13} {'range':>11} {'best/best':>9} {'saved MB':>9} {'calls':>6}"
     )
     for r in grads:
         lo, hi = r["ratio_range"]
         print(
             f"{r['n']:>3} {r['engine']:<16} {r['time_vs_backprop']:>13.2f} {lo:>5.2f}-{hi:<5.2f} "
+            f"{r['best_vs_best_backprop']:>9.2f} "
             f"{r['saved_bytes'] / 2**20:>9.2f} {r['model_calls']:>6}"
         )
     print(f"\nguided sampling, {args.steps} steps, window (0.3, 0.7), 2 repeats")
