@@ -8,7 +8,10 @@ profiler of :mod:`sagkit.lab.profiling`) subscribes with :func:`observe`. Withou
 both are free.
 
 An observer has two methods: ``hold(tensor)`` (count the tensor until it is freed) and
-``recompute_context()`` (a context manager active while a checkpointed step is recomputed).
+``recompute_context()`` (a context manager active while a checkpointed step is recomputed),
+and may have the saved-tensor hooks ``pack(tensor)`` / ``unpack(packed)``: inside
+:func:`measure_saved`, which installs saved-tensor hooks of its own (they hide any outer ones),
+every saved tensor is passed on to the observers' ``pack``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 
 import torch
 
-__all__ = ["observe", "observers", "hold", "checkpoint_contexts"]
+__all__ = ["observe", "observers", "hold", "checkpoint_contexts", "SavedBytes", "measure_saved"]
 
 _observers: list = []
 
@@ -49,3 +52,47 @@ def checkpoint_contexts():
     recomputation."""
     recompute = _observers[-1].recompute_context() if _observers else contextlib.nullcontext()
     return contextlib.nullcontext(), recompute
+
+
+class SavedBytes:
+    """The result of :func:`measure_saved`: ``nbytes``, the bytes of the distinct storages saved."""
+
+    def __init__(self):
+        self.nbytes = 0
+
+
+def _storage(tensor: torch.Tensor):
+    """(data pointer, nbytes) of the storage behind ``tensor``; None for storage-less tensors."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (tensor.device, storage.data_ptr()), storage.nbytes()
+
+
+@contextlib.contextmanager
+def measure_saved(exclude=()):
+    """Count the bytes autograd saves for backward inside the block, each storage once.
+
+    Storages of the tensors in ``exclude`` (the model's parameters) are not counted. Saved
+    tensors are passed on to the observers that have saved-tensor hooks, so a profiler still
+    sees them. Yields a :class:`SavedBytes`, complete when the block ends.
+
+    (docs/maths.md §9.1)
+    """
+    excluded = {found[0] for found in map(_storage, exclude) if found is not None}
+    seen, meter = set(), SavedBytes()
+    chained = [o for o in _observers if hasattr(o, "pack") and hasattr(o, "unpack")]
+
+    def pack(tensor):
+        found = _storage(tensor)
+        if found is not None and found[0] not in excluded and found[0] not in seen:
+            seen.add(found[0])
+            meter.nbytes += found[1]
+        return tuple(o.pack(tensor) for o in chained) if chained else tensor
+
+    def unpack(packed):
+        return chained[0].unpack(packed[0]) if chained else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield meter

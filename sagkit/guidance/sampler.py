@@ -70,6 +70,7 @@ __all__ = [
     "dps_step_size",
     "renoise",
     "GRADIENT_METHOD",
+    "REUSE_EPS",
 ]
 
 GRADIENT_METHOD = "symplectic"
@@ -181,22 +182,57 @@ def renoise(schedule, x_s: torch.Tensor, s: float, t: float, *, generator=None) 
     return ratio * x_s + math.sqrt(max(0.0, 1.0 - ratio**2)) * noise.to(x_s.device)
 
 
-class _Last:
-    """A model that keeps its last output ``last`` (ε): read ε and ε_c − ε_u of a step for free."""
+REUSE_EPS = True
+"""Whether a guided step's gradient reuses the base step's ε(x_t) (bit-identical results, one
+network call fewer per guided step; docs/maths.md §8.8). ``False`` restores the old path, for
+comparison."""
 
-    def __init__(self, model):
+
+def _same_cond(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+class _Last:
+    """A model that keeps its last output ``last`` (ε) of a call without autograd: read ε and
+    ε_c − ε_u of a step for free.
+
+    With ``serve=True`` it also answers a call without autograd on an input equal, bit for bit,
+    to that of the call it remembers (x, t and cond) with the remembered output instead of
+    evaluating the network again. A hit returns exactly what the network would return on that
+    input (the network is a deterministic function of it), so the results do not change; calls
+    under autograd always go to the network (they need its graph). ``hits`` counts the reuses.
+
+    (docs/maths.md §8.8)
+    """
+
+    def __init__(self, model, *, serve: bool = False):
         self.model, self.schedule, self.last = model, model.schedule, None
+        self.serve, self.hits, self._key = serve, 0, None
 
     def eps(self, x, t, cond=None):
-        self.last = self.model.eps(x, t, cond)
-        return self.last
+        recording = not torch.is_grad_enabled()
+        if recording and self.serve and self._key is not None:
+            x0, t0, c0 = self._key
+            if t0 == t and x0.shape == x.shape and torch.equal(x0, x) and _same_cond(c0, cond):
+                self.hits += 1
+                return self.last
+        out = self.model.eps(x, t, cond)
+        if recording:
+            self.last = out
+            if self.serve:
+                self._key = (x, t, cond)
+        return out
 
 
 class _BaseSampler:
     """The DDIM step shared by all methods, with what the step rules and loss curves need.
 
     ``step(x_t, t, s)`` returns x_s, the one-step estimate x̂0(x_t) and the reference
-    displacement Δ (ε_c − ε_u under CFG, else x_s − x_t), all (B, ...).
+    displacement Δ (ε_c − ε_u under CFG, else x_s − x_t), all (B, ...). ``model`` is the model
+    for the guidance gradients: with :data:`REUSE_EPS` it serves the step's ε(x_t) to the
+    first step of the estimate, which evaluates the network on the same input.
     """
 
     def __init__(self, model, cond, cfg_scale: float | None):
@@ -205,10 +241,12 @@ class _BaseSampler:
         self.cfg = cfg_scale is not None
         if self.cfg:
             null = _null_cond(model)
-            self.model = ClassifierFreeGuidance(model, null, cfg_scale)  # for gradients
-            self.outer = _Last(ClassifierFreeGuidance(self.inner, null, cfg_scale))
+            gradient_model = ClassifierFreeGuidance(model, null, cfg_scale)
+            self.outer = _Last(ClassifierFreeGuidance(self.inner, null, cfg_scale), serve=True)
         else:
-            self.model, self.outer = model, self.inner
+            gradient_model = model
+            self.outer = self.inner = _Last(model, serve=True)
+        self.model = self.outer if REUSE_EPS else gradient_model
         self.cond = cond
 
     def step(self, x_t: torch.Tensor, t: float, s: float):

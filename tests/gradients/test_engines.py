@@ -251,3 +251,43 @@ def test_vanilla_adjoint_supports_cond_and_params(mixture):
 def test_vanilla_adjoint_with_higher_order_solvers_converges(mixture, solver):
     errors = adjoint_errors(mixture, noise((1, 2, 2), batch=3), (8, 32), solver=solver)
     assert errors[1] < errors[0], errors
+
+
+# --- the budgeted engine: exact whatever it keeps -----------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_budgeted_matches_backprop_for_every_split(scheduler, solver, register_temporarily):
+    """Every split of n = 3 steps into recomputed and kept ones, and the byte budgets 0 and ∞,
+    give backprop's gradient wrt x, cond and θ in float64 (F64_AGREE: the same rounding
+    argument as for the symplectic adjoint, whose formulas the recomputed part uses)."""
+    from sagkit.gradients.engines import make_budgeted
+
+    model = unet_cond_model(scheduler, torch.float64)
+    x, cond = noise((1, 8, 8)), noise((32,), seed=7)
+    ts, wrt = grid(model, n=3), ("x", "cond", "params")
+    _, ref = sk.loss_grad(
+        model, make_loss(), x, ts, method="backprop", solver=solver, cond=cond, wrt=wrt
+    )
+    engines = [make_budgeted(keep_steps=m, name=f"keep{m}") for m in range(5)]
+    engines += [make_budgeted(budget_bytes=b, name=f"bytes{b}") for b in (0, float("inf"))]
+    for engine in engines:
+        register_temporarily(sk.METHODS, engine.name, engine)
+        _, got = sk.loss_grad(
+            model, make_loss(), x, ts, method=engine.name, solver=solver, cond=cond, wrt=wrt
+        )
+        for name, g, r in zip(wrt, got, ref, strict=True):
+            assert rel(g, r) <= F64_AGREE, (engine.name, name, rel(g, r))
+
+
+def test_budgeted_refuses_zero_weight_tableaus_and_bad_budgets():
+    from sagkit.gradients.engines import make_budgeted
+
+    engine = make_budgeted(keep_steps=1)
+    assert engine.supports("heun") and engine.solver_rule == sk.METHODS["symplectic"].solver_rule
+    with pytest.raises(ValueError, match="not both"):
+        make_budgeted(keep_steps=1, budget_bytes=10)
+    with pytest.raises(ValueError, match="keep_steps"):
+        make_budgeted(keep_steps=-1)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        make_budgeted(budget_bytes=-1.0)

@@ -124,3 +124,37 @@ def test_checkpoint_and_adjoint_are_flat_too(memory, method):
     assert reports[method, 64].saved_bytes <= reports["backprop", 64].saved_bytes / 10
     # checkpoint's recomputation is seen: it holds one step's activations at its peak
     assert reports[method, 8].saved_bytes >= 0.9 * reports["backprop", 8].saved_bytes / 8
+
+
+def test_budgeted_engine_spends_its_budget_between_symplectic_and_backprop(
+    scheduler, register_temporarily
+):
+    """Budget 0 saves what the symplectic adjoint saves, an infinite one what backprop saves,
+    with backprop's n network calls; a budget of m steps' graphs keeps m steps (n + (n − m)
+    calls) and its saved bytes exceed the symplectic adjoint's by at most the budget."""
+    from sagkit.gradients.engines import make_budgeted
+
+    model = sk.DiffusersModel(tiny_unet().double().eval(), scheduler)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    n = 8
+    ts = sk.time_grid(model.schedule, 0.9, model.schedule.t_min, n)
+
+    def run(method):
+        return sk.profile_gradient(model, quadratic, x, ts, method=method)
+
+    symplectic, backprop = run("symplectic"), run("backprop")
+    per_step = backprop.saved_bytes / n  # one step's graph (the graphs are alike)
+    budgets = {"zero": 0, "three": 3.5 * per_step, "inf": float("inf")}
+    got = {}
+    for name, budget in budgets.items():
+        register_temporarily(sk.METHODS, name, make_budgeted(budget_bytes=budget, name=name))
+        got[name] = run(name)
+    assert got["zero"].saved_bytes == symplectic.saved_bytes
+    assert got["zero"].model_calls == symplectic.model_calls == 2 * n
+    assert got["inf"].model_calls == backprop.model_calls == n
+    # backprop's graphs plus the held input y_0 (one state)
+    assert backprop.saved_bytes <= got["inf"].saved_bytes <= backprop.saved_bytes + x.nbytes
+    assert got["three"].model_calls == n + (n - 3)
+    assert symplectic.saved_bytes < got["three"].saved_bytes
+    assert got["three"].saved_bytes <= symplectic.saved_bytes + budgets["three"]
+    assert got["three"].saved_bytes < got["inf"].saved_bytes
