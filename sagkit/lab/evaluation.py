@@ -29,7 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from ..core.checks import check_count, check_name, check_scale
 from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
@@ -112,6 +114,21 @@ def evaluate_guidance(
             (DPS included: equal time travel; ``dps_scale`` is its ζ).
         batch_size: samples per sampler call.
     """
+    methods, ns = tuple(methods), tuple(ns)
+    if not methods:
+        raise ValueError("methods must name at least one guidance method")
+    for m in methods:
+        check_name(m, "methods entries", GUIDANCE)
+    if "sag" in methods and not ns:
+        raise ValueError('ns must hold at least one n for "sag"')
+    for n in ns:
+        check_count(n, "ns entries")
+    for value, name in ((num_samples, "num_samples"), (steps, "steps"), (batch_size, "batch_size")):
+        check_count(value, name)
+    check_count(repeats, "repeats")
+    for value, name in ((scale, "scale"), (dps_scale, "dps_scale")):
+        if value is not None:
+            check_scale(value, name)
     tasks = default_tasks(classifier) if tasks is None else tasks
     p = next(model.parameters())
     size = model.unet.config.sample_size
@@ -121,6 +138,12 @@ def evaluate_guidance(
     data, data_labels = digits_dataset("all", size=size, dtype=p.dtype)
     common = {"steps": steps, "window": window, "repeats": repeats, "progress": progress}
     rows = []
+    bar = tqdm(
+        total=len(tasks) * len(_methods(methods, ns)),
+        desc="evaluate guidance",
+        disable=not progress,
+        leave=False,
+    )
     for task in tasks:
         done = {}  # "sag" with n = 1 is "freedom" exactly (tested): run that computation once
         for guidance, n in _methods(methods, ns):
@@ -150,6 +173,8 @@ def evaluate_guidance(
                     "per_sample": values,
                 }
             )
+            bar.update()
+    bar.close()
     return rows
 
 
