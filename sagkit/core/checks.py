@@ -136,6 +136,9 @@ def check_cond(cond, name: str = "cond", *, batch: int | None = None) -> torch.T
 
 def check_time(t, name: str = "t", *, allow_zero: bool = False) -> None:
     """Raise ``ValueError`` unless every entry of ``t`` lies in (0, 1] (or [0, 1])."""
+    if isinstance(t, float | int) and not isinstance(t, bool):  # the common case, no tensor
+        if (0 <= t if allow_zero else 0 < t) and t <= 1:
+            return
     try:
         tt = torch.as_tensor(t, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
