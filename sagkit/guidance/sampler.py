@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_count, check_inputs, check_scale
+from ..core.checks import check_cond, check_count, check_inputs, check_scale
 from ..core.estimates import rms
 from ..core.frames import per_sample, tweedie_x0
 from ..core.models import ClassifierFreeGuidance
@@ -248,9 +248,7 @@ def _default_scale(step_rule: str | None, cfg_scale: float | None) -> float:
 
 def _batch_cond(cond, x: torch.Tensor, name: str) -> torch.Tensor:
     """cond with batch size 1 or B, expanded to B, in x's dtype and device."""
-    cond = torch.as_tensor(cond).to(x)
-    if cond.ndim < 1 or cond.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"{name} must have batch size 1 or {x.shape[0]}, got {tuple(cond.shape)}")
+    cond = check_cond(torch.as_tensor(cond), name, batch=x.shape[0]).to(x)
     return cond.expand(x.shape[0], *cond.shape[1:])
 
 
