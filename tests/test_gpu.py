@@ -80,3 +80,14 @@ def test_guided_sampling_on_cuda():
         progress=False,
     )
     assert out.device.type == "cuda" and torch.isfinite(out).all()
+
+
+def test_x_on_another_device_than_the_model_is_a_clear_error():
+    """Issue 13 (was B): x on the CPU with the model on CUDA, and the reverse."""
+    model = sk.load_pretrained("digits", device="cuda")
+    grid = sk.time_grid(model.schedule, 1.0, model.schedule.t_min, 2)
+    x = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="x is on cpu but the model is on cuda"):
+        sk.solve(model, x, grid)
+    with pytest.raises(ValueError, match="cond is on cpu but the model is on cuda"):
+        sk.solve(model, x.cuda(), grid, cond=model.cond_for([1, 2]).cpu())

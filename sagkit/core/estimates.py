@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import check_time, time_grid
+from .checks import check_inputs, check_time
+from .schedules import time_grid
 from .solvers import solve
 
 __all__ = ["estimate_x0", "rms", "rms_distance"]
@@ -35,6 +36,7 @@ def estimate_x0(
     ``t_end`` in n steps on a grid uniform in ``spacing`` ("time" or "lambda"). t_end defaults
     to 0 for spacing "time" and to ``schedule.t_min`` for "lambda" (λ is infinite at 0).
     """
+    check_inputs(model, x_t, cond=cond, x_name="x_t")
     check_time(t, "t")
     if t_end is None:
         t_end = 0.0 if spacing == "time" else model.schedule.t_min

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_count, check_grid, check_inputs, show_progress
 from .estimates import rms_distance
 from .frames import get_frame
-from .solvers import check_grid, solve
+from .solvers import solve
 
 __all__ = ["invert", "inversion_error"]
 
@@ -33,7 +34,7 @@ def invert(
     *,
     cond=None,
     fixed_point_iters: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """DDIM inversion of ``x0`` (the state at ``ts[-1]``) to the state at ``ts[0]``.
 
@@ -44,16 +45,16 @@ def invert(
         cond: conditioning passed to the model.
         fixed_point_iters: iterations of y_s ← y_t + (ρ_s − ρ_t) ε(α_s y_s, s) per step after
             the naive guess ε(x_t, t); 0 is plain DDIM inversion.
+        progress: show a progress bar; ``None``: from 1000 steps on.
     Returns:
         (B, ...) x_T with ``solve(model, x_T, ts, "ddim", cond) ≈ x0``.
 
     (docs/maths.md §7.4)
     """
-    if isinstance(fixed_point_iters, bool) or not isinstance(fixed_point_iters, int):
-        raise ValueError(f"fixed_point_iters must be an integer >= 0, got {fixed_point_iters!r}")
-    if fixed_point_iters < 0:
-        raise ValueError(f"fixed_point_iters must be >= 0, got {fixed_point_iters}")
+    check_inputs(model, x0, cond=cond, x_name="x0")
+    check_count(fixed_point_iters, "fixed_point_iters", low=0)
     ts = check_grid(ts)
+    progress = show_progress(progress, len(ts) - 1)
     frame = get_frame("eps")  # κ = α, ν = ρ, F = ε: the DDIM step is Euler in (x/α, ρ)
     sc = model.schedule
     x = x0

@@ -17,6 +17,7 @@ import inspect
 import torch
 from torch import nn
 
+from .checks import check_cond, check_finite, check_matches, check_scale, check_time
 from .frames import per_sample, tweedie_x0
 from .schedules import VPSchedule
 
@@ -32,6 +33,7 @@ def _time_column(t, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"t must be a float or a tensor of shape ({x.shape[0]},), got {tuple(tt.shape)}"
         )
+    check_time(tt, "t", allow_zero=True)
     return tt
 
 
@@ -67,6 +69,9 @@ class GaussianMixture(nn.Module):
             if weights is None
             else torch.as_tensor(weights)
         )
+        check_finite(means, "means")
+        if weights.is_floating_point():
+            check_finite(weights, "weights")
         if weights.shape != (k,) or bool((weights <= 0).any()):
             raise ValueError(
                 f"weights must be {k} positive numbers, got shape {tuple(weights.shape)}"
@@ -138,7 +143,17 @@ class GaussianMixture(nn.Module):
         centred = alpha[:, None, None] * mu[None] - flat[:, None]  # α_t μ_k − x, (B, K, D)
         logits = self.log_weights.to(x) - (centred**2).sum(-1) / (2 * var[:, None])  # (B, K)
         if cond is not None:
-            logits = logits + torch.as_tensor(cond).to(x)
+            cond = check_cond(torch.as_tensor(cond), "cond")
+            k = self.means.shape[0]
+            if (
+                cond.shape[-1] != k
+                or cond.ndim > 2
+                or (cond.ndim == 2 and cond.shape[0] not in (1, x.shape[0]))
+            ):
+                raise ValueError(
+                    f"cond of a GaussianMixture must be ({k},) or (B, {k}) logits, got {tuple(cond.shape)}"
+                )
+            logits = logits + cond.to(x)
         w = torch.softmax(logits, dim=-1)
         return (torch.einsum("bk,bkd->bd", w, centred) / var[:, None]).reshape(x.shape)
 
@@ -198,19 +213,37 @@ class DiffusersModel(nn.Module):
             )
         self._conditional = "encoder_hidden_states" in inspect.signature(unet.forward).parameters
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, x: torch.Tensor, cond):
+        """Check x and cond against the network; returns cond, the ``null_cond`` when omitted."""
         channels = self.unet.config.in_channels
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(
                 f"x must have shape (B, {channels}, H, W) for this UNet, got {tuple(x.shape)}"
             )
+        weight = next(self.unet.parameters(), None)
+        if weight is not None:
+            check_matches(x, weight, "x")
+        null = getattr(self, "null_cond", None)
+        if cond is None and null is not None:
+            return null.expand(x.shape[0], *null.shape[1:])
+        integer_labels = getattr(self.unet.config, "num_class_embeds", None) is not None
+        if cond is not None and not (integer_labels and not cond.is_floating_point()):
+            check_cond(cond, "cond", batch=x.shape[0])
+            if null is not None and cond.shape[1:] != null.shape[1:]:
+                raise ValueError(
+                    f"cond must have shape (B, {', '.join(map(str, null.shape[1:]))}) for this "
+                    f"model (see cond_for), got {tuple(cond.shape)}"
+                )
+            if weight is not None:
+                check_matches(cond, weight, "cond")
+        return cond
 
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """ε(x, t) from the network's output, shape of x.
 
         (docs/maths.md §1.3)
         """
-        self._check(x)
+        cond = self._check(x, cond)
         tt = _time_column(t, x)
         timestep = (tt * self.schedule.num_train_timesteps - 1).to(x.dtype)
         if self._conditional:
@@ -244,8 +277,10 @@ class ClassifierFreeGuidance(nn.Module):
         super().__init__()
         self.model = model
         self.schedule = model.schedule
-        self.null_cond = null_cond
-        self.scale = float(scale)
+        if null_cond is None:
+            raise ValueError("ClassifierFreeGuidance needs null_cond (the unconditional embedding)")
+        self.null_cond = check_cond(null_cond, "null_cond")
+        self.scale = check_scale(scale, "scale")
 
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         if cond is None:

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from .checks import check_count, check_name, check_time
+
 __all__ = ["VPSchedule", "time_grid", "nearest_index", "check_time"]
 
 
@@ -30,15 +32,6 @@ def _like(value: torch.Tensor, template):
         dtype = template.dtype if template.is_floating_point() else torch.float64
         return value.to(dtype)
     return float(value)
-
-
-def check_time(t, name: str = "t", *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` unless every entry of ``t`` lies in (0, 1] (or [0, 1])."""
-    tt = torch.as_tensor(t, dtype=torch.float64)
-    low_ok = (tt >= 0) if allow_zero else (tt > 0)
-    if not bool((low_ok & (tt <= 1)).all()) or bool(torch.isnan(tt).any()):
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {tt.tolist()}")
 
 
 class VPSchedule:
@@ -197,8 +190,8 @@ def time_grid(
     """
     check_time(t_start, "t_start")
     check_time(t_end, "t_end", allow_zero=True)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    n = check_count(n, "n")
+    check_name(spacing, "spacing", ("time", "lambda"))
     if not t_end < t_start:
         raise ValueError(
             f"t_end must be smaller than t_start, got t_start={t_start}, t_end={t_end}"

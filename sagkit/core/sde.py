@@ -28,8 +28,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_grid, check_inputs, show_progress
 from .frames import Frame, get_frame
-from .solvers import check_grid
 
 __all__ = ["sde_step", "sde_sample", "recover_noise", "encode"]
 
@@ -75,7 +75,7 @@ def sde_sample(
     generator: torch.Generator | None = None,
     parameterisation: str = "eps",
     callback=None,
-    progress: bool = False,
+    progress: bool | None = None,
 ):
     """Sample the reverse SDE with the first-order SDE-DPM-Solver on the grid ``ts``.
 
@@ -88,6 +88,7 @@ def sde_sample(
         parameterisation: "eps" (SDE-DPM-Solver-1, the AdjointDEIS sampler) or "data"
             (SDE-DPM-Solver++-1, DDPM's ancestral step).
         callback: called as ``callback(i, t_i, x_i)`` at every grid point, i = 0..M.
+        progress: show a progress bar; ``None``: from 1000 steps on.
     Returns:
         ``(x_end, noise)``: the state at ``ts[-1]`` (B, ...) and the noise used (M, B, ...),
         which :func:`sagkit.adjointdeis_grad` needs for the SDE adjoint.
@@ -97,9 +98,11 @@ def sde_sample(
 
     (docs/maths.md §7.1)
     """
+    check_inputs(model, x, cond=cond)
     ts = check_grid(ts)
     frame = _sde_frame(parameterisation, ts)
     steps = len(ts) - 1
+    progress = show_progress(progress, steps)
     if noise is None:
         noise = torch.randn((steps, *x.shape), generator=generator, dtype=x.dtype).to(x.device)
     noise = _check_noise(noise, x, steps)
@@ -169,6 +172,7 @@ def encode(
 
     (docs/maths.md §7.3)
     """
+    check_inputs(model, x0, cond=cond, x_name="x0")
     ts = check_grid(ts)
     sc = model.schedule
     post = get_frame("data", sde=True)

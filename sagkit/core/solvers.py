@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_grid, check_inputs, show_progress
 from .frames import rho_of_t
 from .registry import Registry
-from .schedules import check_time
 
 __all__ = [
     "Tableau",
@@ -84,18 +84,6 @@ register_solver(
         order=4,
     )
 )
-
-
-def check_grid(ts) -> torch.Tensor:
-    """Validate a time grid: 1-D, at least 2 entries, strictly decreasing, in [0, 1], starting in (0, 1]."""
-    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
-    if ts.ndim != 1 or ts.numel() < 2:
-        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
-    if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError(f"ts must be strictly decreasing, got {ts.tolist()}")
-    check_time(ts[0], "ts[0]")
-    check_time(ts[-1], "ts[-1]", allow_zero=True)
-    return ts
 
 
 class ProbabilityFlow:
@@ -181,7 +169,7 @@ def solve(
     solver: str = "ddim",
     cond=None,
     callback=None,
-    progress: bool = False,
+    progress: bool | None = None,
 ):
     """Solve the probability-flow ODE from ``ts[0]`` to ``ts[-1]``; return the state at ``ts[-1]``.
 
@@ -193,14 +181,17 @@ def solve(
         solver: a name in :data:`SOLVERS` ("ddim", "heun", "rk4").
         cond: conditioning passed to the model.
         callback: called as ``callback(i, t_i, x_i)`` at every grid point, i = 0..n.
-        progress: show a progress bar.
+        progress: show a progress bar; ``None``: from 1000 steps on
+            (:data:`sagkit.core.checks.PROGRESS_STEPS`).
     Returns:
         (B, ...) state at ``ts[-1]``, x's dtype. With t_end = 0 and ddim this is α_0 x̂0 = x̂0.
 
     (docs/maths.md §2.3)
     """
+    check_inputs(model, x, cond=cond)
     tableau = SOLVERS[solver]
     ts = check_grid(ts)
+    progress = show_progress(progress, len(ts) - 1)
     f = ProbabilityFlow(model, cond)
     y = f.to_y(x, ts[0])
     if callback is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.checks import check_count, check_scale
 from ..core.device import resolve_device
 from ..core.models import ClassifierFreeGuidance, DiffusersModel
 from ..core.registry import Registry
@@ -149,6 +150,10 @@ def sample_digits(
     Returns:
         (B, 1, S, S) samples in the model's dtype and device.
     """
+    scale = check_scale(scale, "scale")
+    check_count(steps, "steps")
+    if torch.as_tensor(labels).numel() < 1:
+        raise ValueError("labels must hold at least one digit (an empty batch was given)")
     cond = model.cond_for(labels)
     size = model.unet.config.sample_size
     x = torch.randn((cond.shape[0], 1, size, size), generator=generator, dtype=torch.float64)

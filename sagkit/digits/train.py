@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.checks import check_count, one_line_errors, positive_int, run_command
 from ..core.models import DiffusersModel
 from .classifier import DigitsClassifier
 from .data import digits_dataset
 from .evaluation import evaluate_digits
-from .models import DigitsModel, load_classifier, load_pretrained
+from .models import DATA_DIR, DigitsModel, load_classifier, load_pretrained
 
 __all__ = ["UNET_CONFIG", "augment", "train_unet", "train_classifier", "main"]
 
@@ -66,6 +67,19 @@ def augment(
     return nn.functional.grid_sample(x + 1, grid, align_corners=False) - 1
 
 
+def _check_out(out, overwrite_shipped: bool) -> None:
+    """Refuse to write into the shipped weights (``DATA_DIR``) unless asked explicitly."""
+    if out is None:
+        raise ValueError("out must name an output directory")
+    target = Path(out).resolve()
+    shipped = DATA_DIR.resolve()
+    if (target == shipped or shipped in target.parents) and not overwrite_shipped:
+        raise ValueError(
+            f"out={str(out)!r} would overwrite the shipped weights in {shipped}; pass "
+            "overwrite_shipped=True (--overwrite-shipped) to do that on purpose"
+        )
+
+
 def _cosine_lr(optimizer, steps: int, warmup: int):
     def factor(step):
         if step < warmup:
@@ -86,6 +100,7 @@ def train_unet(
     ema_decay: float = 0.999,
     unet_config: dict | None = None,
     progress: bool = True,
+    overwrite_shipped: bool = False,
 ) -> DigitsModel:
     """Train the class-conditional UNet and save its EMA weights to ``out/digits-unet``.
 
@@ -93,11 +108,15 @@ def train_unet(
         out: the output directory.
         steps: optimiser steps (AdamW, ``lr`` with 100 warm-up steps then cosine decay to 0).
         unet_config: overrides of :data:`UNET_CONFIG` (e.g. smaller channels for tests).
+        overwrite_shipped: allow ``out`` to be the shipped weights' folder.
     Returns:
         The saved EMA model as a :class:`~sagkit.DigitsModel` (eval mode).
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
+    check_count(steps, "steps")
+    check_count(batch_size, "batch_size")
+    _check_out(out, overwrite_shipped)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     config = {**UNET_CONFIG, **(unet_config or {})}
@@ -148,6 +167,7 @@ def train_classifier(
     lr: float = 2e-3,
     config: dict | None = None,
     progress: bool = True,
+    overwrite_shipped: bool = False,
 ) -> tuple[DigitsClassifier, float]:
     """Train the digit classifier on augmented clean images; save it to ``out/digits-classifier``.
 
@@ -155,10 +175,14 @@ def train_classifier(
         out: the output directory.
         steps: optimiser steps (AdamW, ``lr`` with warm-up then cosine decay to 0).
         config: keyword arguments of :class:`~sagkit.DigitsClassifier`.
+        overwrite_shipped: allow ``out`` to be the shipped weights' folder.
     Returns:
         ``(classifier, accuracy)``: the trained classifier (eval mode) and its accuracy on
         the held-out split.
     """
+    check_count(steps, "steps")
+    check_count(batch_size, "batch_size")
+    _check_out(out, overwrite_shipped)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, labels = digits_dataset("train")
@@ -183,12 +207,14 @@ def train_classifier(
     return classifier, accuracy
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sagkit.digits.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("target", choices=["digits", "digits-unet", "digits-classifier"])
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps of each model")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="optimiser steps of each model"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -196,8 +222,19 @@ def main(argv=None) -> None:
         action="store_true",
         help="then sample and evaluate (needs both models in --out)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--overwrite-shipped",
+        action="store_true",
+        help="allow --out to be the shipped weights' folder",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = one_line_errors(parser).parse_args(argv)
+    return run_command(parser.prog, lambda: _train(args), debug=args.debug)
+
+
+def _train(args) -> None:
     steps = {} if args.steps is None else {"steps": args.steps}
+    steps["overwrite_shipped"] = args.overwrite_shipped
     print(f"torch threads: {torch.get_num_threads()}")
     if args.target in ("digits", "digits-classifier"):
         start = time.perf_counter()
@@ -224,4 +261,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..core.checks import check_gradients, check_inputs, show_progress
 from ..core.frames import Frame, get_frame
 from ..core.sde import sde_sample
 from ..core.solvers import SOLVERS, check_grid, solve
@@ -130,7 +131,7 @@ def adjointdeis_grad(
     cond: torch.Tensor | None = None,
     wrt: str | Sequence[str] = "x",
     solver: str = "ddim",
-    progress: bool = False,
+    progress: bool | None = None,
 ):
     """L(x_end) and its gradient by AdjointDEIS-1 or -2M (Blasingame & Liu 2024).
 
@@ -160,6 +161,7 @@ def adjointdeis_grad(
 
     (docs/maths.md §6.1)
     """
+    check_inputs(model, x, cond=cond)
     frame = get_frame(parameterisation, sde=sde)
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M), got {order!r}")
@@ -178,6 +180,7 @@ def adjointdeis_grad(
     if "cond" in names and cond is None:
         raise ValueError('wrt="cond" needs a cond tensor')
     ts = check_grid(ts)
+    progress = show_progress(progress, len(ts) - 1)
     SOLVERS[solver]
     frame.check_times(ts)
     params = trainable_parameters(model) if "params" in names else []
@@ -221,6 +224,7 @@ def adjointdeis_grad(
     if "params" in names:
         grads["params"] = tuple(acc[-len(params) :])
     out = tuple(grads[w] for w in names)
+    check_gradients(out, names, method=f"adjointdeis-{order}")
     return loss.detach(), out[0] if single else out
 
 

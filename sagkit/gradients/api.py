@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.checks import check_gradients, check_inputs
 from ..core.registry import Registry
 from ..core.solvers import SOLVERS, Tableau, check_grid
 
@@ -127,6 +128,9 @@ def loss_grad(
 
     (docs/maths.md §5.1)
     """
+    check_inputs(model, x, cond=cond)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     engine = METHODS[method]
     names, single = normalise_wrt(wrt)
     unsupported = [w for w in names if w not in engine.wrt]
@@ -141,6 +145,7 @@ def loss_grad(
     if reason is not None:
         raise ValueError(reason)
     loss, grads = engine.fn(model, loss_fn, x, ts, solver=solver, cond=cond, names=names)
+    check_gradients(grads, names, method=method)
     return loss.detach(), (grads[0] if single else tuple(grads))
 
 
@@ -169,6 +174,12 @@ def evaluate_loss(loss_fn: Callable, x_out: torch.Tensor) -> torch.Tensor:
         )
     if not bool(torch.isfinite(value.detach())):
         raise ValueError(f"loss_fn returned a non-finite value ({value.item()})")
+    if torch.is_grad_enabled() and x_out.requires_grad and not value.requires_grad:
+        raise ValueError(
+            "loss_fn's value does not depend on its input through differentiable operations "
+            "(no gradient path: a .detach(), .item(), numpy or an integer operation inside "
+            "loss_fn?), so it has no gradient"
+        )
     return value
 
 

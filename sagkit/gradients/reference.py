@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..core.checks import check_inputs, check_tensor
 from ..core.models import GaussianMixture
 from ..core.schedules import time_grid
 from ..core.solvers import SOLVERS, check_grid, solve
@@ -66,8 +67,8 @@ def finite_difference(
     :func:`loss_grad`); x and v are (B, ...) float64, and so must be the model's parameters,
     buffers and ``cond``. Returns a Python float.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(v, torch.Tensor):
-        raise TypeError("x and v must be tensors")
+    check_inputs(model, x, cond=cond)
+    check_tensor(v, "v")
     if v.shape != x.shape:
         raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
     if not delta > 0:

@@ -75,6 +75,14 @@ def _on_reference(fn, ref: torch.Tensor):
         raise ValueError(f"reference does not fit the classifier: {err}") from None
 
 
+def _num_classes(classifier) -> int | None:
+    """How many classes the classifier's logits have, where it says."""
+    classes = getattr(getattr(classifier, "config", None), "get", lambda k: None)("classes")
+    if classes is None:
+        classes = getattr(classifier, "classes", None)
+    return classes if isinstance(classes, int) else None
+
+
 def target_class(classifier, label) -> Loss:
     """L(x) = −log softmax(logits(x))[label], the cross-entropy of the target class, (B,).
 
@@ -82,8 +90,13 @@ def target_class(classifier, label) -> Loss:
     classifier trained on clean images suffices). ``label``: an int, or a (B,) tensor of ints.
     """
     label = torch.as_tensor(label)
-    if label.ndim > 1 or label.is_floating_point():
+    if label.ndim > 1 or label.is_floating_point() or label.dtype == torch.bool:
         raise ValueError(f"label must be an int or a (B,) tensor of ints, got {label!r}")
+    classes = _num_classes(classifier)
+    if classes is not None and label.numel() and not bool(((label >= 0) & (label < classes)).all()):
+        raise ValueError(
+            f"label must lie in 0..{classes - 1} (the classifier's classes), got {label.tolist()}"
+        )
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         logits = classifier.logits(x)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.checks import check_count
 from ..core.inversion import invert
 from ..core.schedules import time_grid
 from ..core.solvers import solve
@@ -243,6 +244,16 @@ def evaluate_morphs(
         success rates before/after (closer to both a and b than they are to each other).
     """
     labels = torch.as_tensor(labels)
+    check_count(n_pairs, "n_pairs")
+    if labels.shape != (len(images),):
+        raise ValueError(
+            f"labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}"
+        )
+    if len(torch.unique(labels)) < 2:
+        raise ValueError(
+            "labels must hold at least two different classes: evaluate_morphs pairs images of "
+            "different labels"
+        )
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     while len(pairs) < n_pairs:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..core.checks import check_cond, check_count, check_inputs, check_scale
 from ..core.estimates import rms
 from ..core.frames import per_sample, tweedie_x0
 from ..core.models import ClassifierFreeGuidance
@@ -285,16 +286,8 @@ def _default_scale(step_rule: str | None, cfg_scale: float | None) -> float:
 
 def _batch_cond(cond, x: torch.Tensor, name: str) -> torch.Tensor:
     """cond with batch size 1 or B, expanded to B, in x's dtype and device."""
-    cond = torch.as_tensor(cond).to(x)
-    if cond.ndim < 1 or cond.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"{name} must have batch size 1 or {x.shape[0]}, got {tuple(cond.shape)}")
+    cond = check_cond(torch.as_tensor(cond), name, batch=x.shape[0]).to(x)
     return cond.expand(x.shape[0], *cond.shape[1:])
-
-
-def _check_int(value, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def guided_sample(
@@ -346,14 +339,23 @@ def guided_sample(
 
     (docs/maths.md §8.1)
     """
+    check_inputs(model, x_T, cond=cond, x_name="x_T")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
     method = GUIDANCE[guidance]
-    _check_int(steps, "steps")
-    _check_int(n, "n")
+    check_count(steps, "steps")
+    check_count(n, "n")
     n = n if method.n_step else 1  # the one-step methods ignore n
-    repeats = method.repeats if repeats is None else _check_int(repeats, "repeats")
+    repeats = method.repeats if repeats is None else check_count(repeats, "repeats")
     guided = guidance_window(steps, window)
     if method.step_rule is None:
         guided = [False] * steps
+    elif not any(guided):
+        raise ValueError(
+            f"the guidance window {tuple(window)} holds no step of steps={steps} (step k is "
+            f"guided when lo <= k/steps < hi): guidance={guidance!r} would return the unguided "
+            "sample; widen the window or take more steps"
+        )
     cfg = cond is not None
     if cfg_scale is not None and not cfg:
         raise ValueError("cfg_scale needs cond (classifier-free guidance needs a condition)")
@@ -364,8 +366,7 @@ def guided_sample(
         cond = _batch_cond(model.null_cond, x_T, "model.null_cond")
     if scale is None:
         scale = _default_scale(method.step_rule, cfg_scale if cfg else None)
-    if not scale >= 0:
-        raise ValueError(f"scale must be non-negative, got {scale!r}")
+    scale = check_scale(scale, "scale")
     if loss_fn is None and (any(guided) or return_losses):
         raise ValueError(f"loss_fn is needed for guidance={guidance!r} and for return_losses")
     if loss_fn is not None:

@@ -25,6 +25,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..core.checks import check_count
 from ..core.device import resolve_device
 from ..core.models import DiffusersModel, GaussianMixture
 from ..core.schedules import time_grid
@@ -161,6 +162,13 @@ def run_benchmark(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ns = tuple(ns)
+    if not ns:
+        raise ValueError("ns must hold at least one number of steps")
+    for n in ns:
+        check_count(n, "ns entries")
+    check_count(batch, "batch")
+    check_count(repeats, "repeats")
     methods = _methods(methods)
     dev = resolve_device(device)
     reference, shape = build_model(model, seed=seed)

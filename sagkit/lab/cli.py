@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from ..core.checks import one_line_errors, positive_int, run_command
+
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 
@@ -48,12 +50,14 @@ def add_bench(subparsers) -> None:
     )
     p.add_argument("--model", choices=("mixture", "unet"), default="unet")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--ns", type=int, nargs="+", default=[8, 16, 64], help="numbers of steps")
+    p.add_argument(
+        "--ns", type=positive_int, nargs="+", default=[8, 16, 64], help="numbers of steps"
+    )
     p.add_argument("--solver", default="ddim", help="a name in sagkit.SOLVERS")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timing runs; the best is kept")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timing runs; the best is kept")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_bench)
@@ -98,20 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sagkit", description="Accurate gradients through diffusion samplers."
     )
     parser.add_argument("--version", action="version", version=f"sagkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``sagkit`` script; returns the exit status."""
+    """Entry point of the ``sagkit`` script; returns the exit status.
+
+    Errors are one line on stderr: exit 2 for usage (a bad argument), 1 for a failure; the
+    traceback only with ``--debug``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    return run_command("sagkit", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ..core.checks import check_count, check_name, check_scale
 from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
@@ -165,8 +167,21 @@ def evaluate_guidance(
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
     single process.
     """
-    if batch_size < 1 or num_samples < 1:
-        raise ValueError(f"need batch_size, num_samples >= 1, got {batch_size}, {num_samples}")
+    methods, ns = tuple(methods), tuple(ns)
+    if not methods:
+        raise ValueError("methods must name at least one guidance method")
+    for m in methods:
+        check_name(m, "methods entries", GUIDANCE)
+    if "sag" in methods and not ns:
+        raise ValueError('ns must hold at least one n for "sag"')
+    for n in ns:
+        check_count(n, "ns entries")
+    for value, name in ((num_samples, "num_samples"), (steps, "steps"), (batch_size, "batch_size")):
+        check_count(value, name)
+    check_count(repeats, "repeats")
+    for value, name in ((scale, "scale"), (dps_scale, "dps_scale")):
+        if value is not None:
+            check_scale(value, name)
     tasks = default_tasks(classifier) if tasks is None else tasks
     p = next(model.parameters())
     size = model.unet.config.sample_size
@@ -204,7 +219,10 @@ def evaluate_guidance(
         }
 
     mine = {}
-    for t, key, (lo, hi) in shard(units):
+    bar = tqdm(
+        shard(units), desc="evaluate guidance", disable=not progress or rank != 0, leave=False
+    )
+    for t, key, (lo, hi) in bar:
         settings = settings_of(t, key, lo, hi)
         path = None if out is None else out / _shard_name(settings)
         if path is not None and path.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import check_count, check_inputs, check_time
 from ..core.estimates import estimate_x0, rms_distance
 from ..core.schedules import nearest_index, time_grid
 from ..core.solvers import solve
@@ -41,7 +42,14 @@ def misalignment(
 
     (docs/maths.md §3.3)
     """
-    ts = time_grid(model.schedule, t_start, 0.0, steps)
+    check_inputs(model, x_T, cond=cond, x_name="x_T")
+    times, ns = tuple(times), tuple(ns)
+    if not times or not ns:
+        raise ValueError(f"times and ns must be non-empty, got times={times}, ns={ns}")
+    check_time(times, "times")
+    for n in ns:
+        check_count(n, "ns entries")
+    ts = time_grid(model.schedule, t_start, 0.0, check_count(steps, "steps"))
     wanted = [nearest_index(ts, t) for t in times]
     states = {}
 

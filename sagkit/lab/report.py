@@ -4,6 +4,8 @@
 
 Each section is a plain function ``(out_dir, fast, device) -> markdown`` in :data:`SECTIONS`,
 which writes its figures into ``out_dir`` and asserts nothing: the tests and notebooks do.
+``report.md`` is rewritten after every section, so a long run loses no finished section; a
+section that fails is recorded in it with its error, and the others still run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..core.device import resolve_device  # noqa: E402
 from ..core.models import GaussianMixture  # noqa: E402
 from ..core.schedules import VPSchedule  # noqa: E402
 from . import plotting  # noqa: E402
@@ -26,7 +29,15 @@ from .bench import bench_table, gradient_accuracy, run_benchmark  # noqa: E402
 from .convergence import convergence_study, convergence_table, plot_convergence  # noqa: E402
 from .misalignment import misalignment  # noqa: E402
 
-__all__ = ["SECTIONS", "write_report"]
+__all__ = ["SECTIONS", "write_report", "ReportError"]
+
+
+class ReportError(RuntimeError):
+    """Some sections failed; ``report.md`` (``path``) holds the others and the failures."""
+
+    def __init__(self, path: Path, failed: list[str]):
+        super().__init__(f"report section(s) {', '.join(failed)} failed; the others are in {path}")
+        self.path, self.failed = path, failed
 
 
 def _save(fig, out_dir: Path, name: str) -> str:
@@ -215,23 +226,40 @@ SECTIONS: dict[str, Callable[[Path, bool, torch.device], str]] = {
 
 
 def write_report(*, out_dir="report", fast: bool = False, sections=None, device=None) -> Path:
-    """Run the sections (all by default) and write ``out_dir/report.md``; returns its path."""
+    """Run the sections (all by default) and write ``out_dir/report.md``; returns its path.
+
+    The file is written after each section. A failing section is recorded in it (its error
+    in one line) and the remaining sections still run; then :class:`ReportError` is raised.
+    """
     names = list(SECTIONS) if sections is None else list(sections)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown report sections {unknown}; known: {', '.join(SECTIONS)}")
+    device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = [
         "# sagkit report\n",
         f"Mode: {'fast' if fast else 'full'}; device: {device}; torch {torch.__version__}.\n",
     ]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))  # fail now, not after the first section, if unwritable
+    failed = []
     for name in names:
         start = time.perf_counter()
         print(f"[report] {name} …", flush=True)
-        parts.append(SECTIONS[name](out, fast, device))
+        try:
+            parts.append(SECTIONS[name](out, fast, device))
+        except Exception as error:  # noqa: BLE001 - recorded, and the other sections run
+            plt.close("all")
+            failed.append(name)
+            message = " ".join(str(error).split())
+            parts.append(
+                f"## {name}\n\n**This section failed**: {type(error).__name__}: {message}\n"
+            )
+            print(f"[report] {name} failed: {type(error).__name__}: {message}", flush=True)
         parts.append(f"*({name}: {time.perf_counter() - start:.1f} s)*\n")
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
+        path.write_text("\n".join(parts))
+    if failed:
+        raise ReportError(path, failed)
     return path

@@ -1,0 +1,273 @@
+"""Argument checks at the public boundary, one function per kind of input.
+
+Every public function of sagkit checks its arguments here before it computes anything, so
+that a bad input gives a ``ValueError`` (a bad value) or a ``TypeError`` (a bad kind) that
+names the argument and the accepted values, instead of silently wrong output or a traceback
+from inside torch or diffusers. Each kind of check lives once:
+
+    check_model(model)                       .schedule and .eps (the model protocol)
+    check_tensor(x, "x")                     a finite float32/float64 tensor with a batch B ≥ 1
+    check_matches(x, reference, "x")         x in the reference tensor's dtype and device
+    check_cond(cond, "cond", batch=B)        a finite floating tensor, batch size 1 or B
+    check_time(t, "t")                       times in (0, 1] (or [0, 1])
+    check_grid(ts)                           a strictly decreasing grid of times
+    check_count(n, "n")                      an integer ≥ 1 (or ≥ low)
+    check_scale(w, "scale")                  a finite number ≥ 0
+    check_finite(value, "weights")           no NaN or inf
+    check_name(name, "spacing", choices)     one of the accepted names
+    check_inputs(model, x, cond=cond)        the model, x and cond of a sampler or engine
+    check_gradients(grads, names, method=m)  the gradients an engine returns are finite
+
+float16 and bfloat16 are refused: the gradient engines lose all accuracy in half precision
+(relative errors of 10³ and more were measured), so sagkit works in float32 and float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "check_model",
+    "check_tensor",
+    "check_matches",
+    "check_cond",
+    "check_time",
+    "check_grid",
+    "check_count",
+    "check_scale",
+    "check_finite",
+    "check_name",
+    "check_inputs",
+    "check_gradients",
+    "positive_int",
+    "run_command",
+    "one_line_errors",
+    "PROGRESS_STEPS",
+    "show_progress",
+]
+
+PROGRESS_STEPS = 1000
+"""From this many steps on, the samplers show a progress bar unless told otherwise."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+"""The dtypes sagkit computes in; half precision is refused with a message."""
+
+
+def check_model(model, name: str = "model") -> None:
+    """Raise ``TypeError`` unless ``model`` follows the protocol: ``.schedule`` and ``.eps``."""
+    missing = [a for a in ("schedule", "eps") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"{name} must be a model of the protocol (with .schedule, a VPSchedule, and "
+            f".eps(x, t, cond)); {type(model).__name__} has no {', '.join('.' + m for m in missing)}"
+        )
+
+
+def _dtype_check(x: torch.Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating tensor (float32 or float64), got {x.dtype}"
+            + (" (for class labels use model.cond_for(labels))" if name.startswith("cond") else "")
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} is {x.dtype}; sagkit supports float32 and float64 only (half precision "
+            "makes the gradients and the SDE sampler wrong): convert with .float()"
+        )
+
+
+def check_finite(value, name: str) -> None:
+    """Raise ``ValueError`` if ``value`` (a number or a tensor) holds NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{name} contains NaN or inf ({bad} of {value.numel()} entries)")
+    elif isinstance(value, numbers.Real) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_tensor(x, name: str = "x") -> torch.Tensor:
+    """A finite float32/float64 tensor of shape (B, ...) with B ≥ 1; returns it unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
+    _dtype_check(x, name)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(
+            f"{name} must have shape (B, ...) with a batch size B >= 1, got {tuple(x.shape)}"
+        )
+    check_finite(x, name)
+    return x
+
+
+def check_matches(x: torch.Tensor, reference: torch.Tensor, name: str = "x") -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``x`` has ``reference``'s dtype and device."""
+    if x.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} is {x.dtype} but the model is {reference.dtype}: convert one of them "
+            f"(e.g. {name}.to(model.dtype))"
+        )
+    if x.device != reference.device:
+        raise ValueError(
+            f"{name} is on {x.device} but the model is on {reference.device}: move one of them"
+        )
+
+
+def check_cond(cond, name: str = "cond", *, batch: int | None = None) -> torch.Tensor:
+    """A finite floating tensor; with ``batch``, of shape (1, ...) or (batch, ...)."""
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cond).__name__}")
+    _dtype_check(cond, name)
+    if cond.ndim < 1:
+        raise ValueError(f"{name} must have at least one axis, got a 0-dim tensor")
+    if batch is not None and cond.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must have batch size 1 or {batch} (x's), got shape {tuple(cond.shape)}"
+        )
+    check_finite(cond, name)
+    return cond
+
+
+def check_time(t, name: str = "t", *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` unless every entry of ``t`` lies in (0, 1] (or [0, 1])."""
+    if isinstance(t, float | int) and not isinstance(t, bool):  # the common case, no tensor
+        if (0 <= t if allow_zero else 0 < t) and t <= 1:
+            return
+    try:
+        tt = torch.as_tensor(t, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a time or times in [0, 1], got {t!r}") from None
+    low_ok = (tt >= 0) if allow_zero else (tt > 0)
+    if not bool((low_ok & (tt <= 1)).all()) or bool(torch.isnan(tt).any()):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {tt.tolist()}")
+
+
+def check_grid(ts) -> torch.Tensor:
+    """Validate a time grid: 1-D, at least 2 entries, strictly decreasing, in [0, 1], starting in (0, 1].
+
+    Returns the grid as a float64 CPU tensor.
+    """
+    try:
+        ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"ts must be a 1-D sequence of times, got {ts!r}") from None
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"ts must be strictly decreasing, got {ts.tolist()}")
+    check_time(ts[0], "ts[0]")
+    check_time(ts[-1], "ts[-1]", allow_zero=True)
+    return ts
+
+
+def check_count(value, name: str = "n", *, low: int = 1) -> int:
+    """An integer ≥ ``low`` (a bool is not a count); returns it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_scale(value, name: str = "scale") -> float:
+    """A finite real number ≥ 0; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_name(value, name: str, choices: Iterable[str]) -> str:
+    """One of ``choices``; returns it."""
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_inputs(model, x, *, cond=None, x_name: str = "x") -> None:
+    """The arguments every sampler and gradient engine takes: a model of the protocol, a state
+    ``x`` (:func:`check_tensor`) and an optional ``cond`` (:func:`check_cond`; its shape is
+    the model's to check)."""
+    check_model(model)
+    check_tensor(x, x_name)
+    if cond is not None:
+        check_cond(cond, "cond")
+
+
+def show_progress(progress, steps: int) -> bool:
+    """``progress`` as given, or, when it is ``None``, whether ``steps`` ≥ :data:`PROGRESS_STEPS`."""
+    return steps >= PROGRESS_STEPS if progress is None else bool(progress)
+
+
+def check_gradients(grads, names, *, method: str) -> None:
+    """Raise ``ValueError`` naming the input whose gradient from engine ``method`` holds NaN or
+    inf. ``grads`` is in the order of ``names`` ("params": a tuple over the parameters)."""
+    for w, g in zip(names, grads, strict=True):
+        for i, part in enumerate(g if isinstance(g, (tuple, list)) else [g]):
+            if isinstance(part, torch.Tensor) and not bool(torch.isfinite(part).all()):
+                which = f"parameter {i}" if w == "params" else w
+                raise ValueError(
+                    f"method {method!r} returned a non-finite gradient with respect to {which} "
+                    "although the loss was finite: the backward pass overflowed (a step too large "
+                    "for the dtype, or a model that is not differentiable there); try float64, "
+                    "more steps or another method"
+                )
+
+
+# --- command lines --------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer ≥ 1 (so that ``--steps -1`` is a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` and its subparsers report usage errors in one line (exit 2)."""
+    parser.__class__ = _OneLineParser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_line_errors(sub)
+    return parser
+
+
+def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False) -> int:
+    """Run a command line's work: its exit status, 0 on success; an error is one line on
+    stderr, exit 2 for a bad argument value (``ValueError``, ``TypeError``) and 1 for any
+    other failure. ``debug`` lets the exception through, with its traceback."""
+    if debug:
+        return int(fn() or 0)
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as error:
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the command line reports every failure
+        print(f"{prog}: failed: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

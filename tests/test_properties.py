@@ -1,0 +1,205 @@
+"""Property-based tests of the public API (hypothesis): random shapes, dtypes, batch sizes,
+grids and argument values give either a documented error (``ValueError``/``TypeError``) or
+finite output of the right shape; the exact engines agree with backprop on random problems.
+
+Documented errors: batch size 0 (ValueError), float16/bfloat16 (TypeError), a guidance
+window that holds no step (ValueError). Sizes are tiny so that the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import sagkit as sk
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+BATCHES = st.sampled_from([0, 1, 3])
+
+
+@st.composite
+def problems(draw, *, dtype=None, batch=None):
+    """A random small mixture, a batch x in its event shape, and a time grid."""
+    shape = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    k = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn((k, *shape), generator=gen, dtype=torch.float64)
+    weights = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
+    std = draw(st.floats(0.05, 1.0))
+    model = sk.GaussianMixture(means, std, sk.VPSchedule.linear(), weights=weights)
+    dtype = draw(DTYPES) if dtype is None else dtype
+    b = (
+        draw(BATCHES)
+        if batch is None
+        else draw(batch)
+        if isinstance(batch, st.SearchStrategy)
+        else batch
+    )
+    x = torch.randn((b, *shape), generator=gen, dtype=torch.float64).to(dtype)
+    t_start = draw(st.floats(0.05, 1.0))
+    t_end = draw(st.floats(0.0, 0.9)) * t_start
+    n = draw(st.integers(1, 6))
+    ts = sk.time_grid(model.schedule, t_start, t_end, n)
+    return model, x, ts
+
+
+def expected_error(x: torch.Tensor):
+    """The documented error for x, or None."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return TypeError
+    if x.shape[0] == 0:
+        return ValueError
+    return None
+
+
+def finite_like(out: torch.Tensor, x: torch.Tensor) -> None:
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert bool(torch.isfinite(out).all())
+
+
+@SETTINGS
+@given(problems(), st.sampled_from(sorted(sk.SOLVERS)))
+def test_solve_errs_or_is_finite(problem, solver):
+    model, x, ts = problem
+    error = expected_error(x)
+    if error is not None:
+        with pytest.raises(error):
+            sk.solve(model, x, ts, solver=solver)
+        return
+    finite_like(sk.solve(model, x, ts, solver=solver), x)
+
+
+@SETTINGS
+@given(
+    problems(),
+    st.one_of(st.floats(-0.5, 1.5), st.just(math.nan)),
+    st.integers(-1, 4),
+    st.sampled_from(["time", "lambda", "log"]),
+)
+def test_estimate_x0_errs_or_is_finite(problem, t, n, spacing):
+    model, x, _ = problem
+    error = expected_error(x)
+    if error is None and not (0 < t <= 1 and n >= 1 and spacing in ("time", "lambda")):
+        error = ValueError
+    if error is not None:
+        with pytest.raises(error):
+            sk.estimate_x0(model, x, t, n=n, spacing=spacing)
+        return
+    finite_like(sk.estimate_x0(model, x, t, n=n, spacing=spacing), x)
+
+
+@SETTINGS
+@given(problems(dtype=torch.float64, batch=2), st.sampled_from(["x", "cond", "params"]))
+def test_symplectic_matches_backprop_on_random_problems(problem, wrt):
+    model, x, ts = problem
+    k = model.means.shape[0]
+    cond = torch.linspace(-0.5, 0.5, k, dtype=torch.float64)
+    if wrt == "params":
+        model.requires_grad_()
+    target = torch.sin(torch.arange(x[0].numel(), dtype=torch.float64)).reshape(x.shape[1:])
+
+    def loss(y):
+        return ((y - target) ** 2).flatten(1).sum(1) + torch.cos(y).flatten(1).sum(1)
+
+    results = [
+        sk.loss_grad(model, loss, x, ts, method=m, cond=cond, wrt=wrt)
+        for m in ("symplectic", "backprop")
+    ]
+    (loss_s, g_s), (loss_b, g_b) = results
+    g_s = torch.cat([g.flatten() for g in (g_s if isinstance(g_s, tuple) else (g_s,))])
+    g_b = torch.cat([g.flatten() for g in (g_b if isinstance(g_b, tuple) else (g_b,))])
+    assert torch.isfinite(g_s).all()
+    assert float(loss_s) == pytest.approx(float(loss_b), rel=1e-12)
+    scale = float(g_b.norm())
+    assert float((g_s - g_b).norm()) <= 1e-10 * max(scale, 1e-300) + 1e-300
+
+
+@SETTINGS
+@given(problems(), st.sampled_from(["symplectic", "backprop", "adjoint"]))
+def test_loss_grad_errs_or_is_finite(problem, method):
+    model, x, ts = problem
+
+    def loss(y):
+        return (y**2).flatten(1).sum(1)
+
+    error = expected_error(x)
+    if error is not None:
+        with pytest.raises(error):
+            sk.loss_grad(model, loss, x, ts, method=method)
+        return
+    value, g = sk.loss_grad(model, loss, x, ts, method=method)
+    assert value.ndim == 0 and math.isfinite(float(value))
+    finite_like(g, x)
+
+
+@SETTINGS
+@given(
+    problems(dtype=torch.float64, batch=st.sampled_from([0, 1, 1, 3, 3, 3])),
+    st.integers(1, 5),
+    st.sampled_from(sorted(sk.GUIDANCE)),
+    st.sampled_from([0.0, 0.0, 0.25, 0.5, 0.6]),
+    st.sampled_from([0.1, 0.55, 0.8, 1.0, 1.0]),
+    st.sampled_from([None, None, None, 0.5, 2.0, math.nan, -1.0]),
+)
+def test_guided_sample_errs_or_is_finite(problem, steps, guidance, lo, hi, scale):
+    model, x, _ = problem
+
+    def loss(y):
+        return (y**2).flatten(1).sum(1)
+
+    guided = [lo <= k / steps < hi for k in range(steps)]
+    error = None
+    if x.shape[0] == 0 or not lo < hi:
+        error = ValueError
+    elif guidance != "none" and not any(guided):
+        error = ValueError  # "the guidance window ... holds no step"
+    elif scale is not None and not scale >= 0:
+        error = ValueError
+    call = lambda: sk.guided_sample(  # noqa: E731
+        model,
+        loss,
+        x,
+        steps=steps,
+        guidance=guidance,
+        n=2,
+        window=(lo, hi),
+        scale=scale,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    event("documented error" if error is not None else "sampled")
+    if error is not None:
+        with pytest.raises(error):
+            call()
+        return
+    finite_like(call(), x)
+
+
+@SETTINGS
+@given(st.one_of(st.integers(-3, 3), st.booleans(), st.floats(-2, 2), st.text(max_size=2)))
+def test_counts(value):
+    from sagkit.core.checks import check_count
+
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        assert check_count(value, "n") == value
+    else:
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            check_count(value, "n")
+
+
+@SETTINGS
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3)))
+def test_scales(value):
+    from sagkit.core.checks import check_scale
+
+    if math.isfinite(value) and value >= 0:
+        assert check_scale(value, "scale") == float(value)
+    else:
+        with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+            check_scale(value, "scale")
