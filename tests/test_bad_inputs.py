@@ -715,4 +715,4 @@ def test_evaluate_guidance_shows_progress(monkeypatch):
         sk.evaluate_guidance(
             digits(), classifier(), methods=("none", "sag"), ns=(1, 2), progress=True
         )
-    assert seen == [(True, 4 * 3)]  # 4 tasks × (none, sag n=1, sag n=2)
+    assert seen == [(True, 4 * 3)]  # 4 tasks × (none, sag n=1, sag n=2) × 1 shard of 64

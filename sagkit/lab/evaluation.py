@@ -219,8 +219,13 @@ def evaluate_guidance(
         }
 
     mine = {}
+    my_units = shard(units)
     bar = tqdm(
-        shard(units), desc="evaluate guidance", disable=not progress or rank != 0, leave=False
+        my_units,
+        total=len(my_units),
+        desc="evaluate guidance",
+        disable=not progress or rank != 0,
+        leave=False,
     )
     for t, key, (lo, hi) in bar:
         settings = settings_of(t, key, lo, hi)

@@ -158,3 +158,14 @@ def test_budgeted_engine_spends_its_budget_between_symplectic_and_backprop(
     assert symplectic.saved_bytes < got["three"].saved_bytes
     assert got["three"].saved_bytes <= symplectic.saved_bytes + budgets["three"]
     assert got["three"].saved_bytes < got["inf"].saved_bytes
+
+
+def test_adjointdeis_reports_its_stored_states(mixture):
+    """AdjointDEIS keeps the M + 1 forward states outside autograd; the profiler sees each."""
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    held = {}
+    for m in (4, 64):
+        ts = sk.time_grid(mixture.schedule, 0.9, mixture.schedule.t_min, m)
+        report = sk.profile_gradient(mixture, quadratic, x, ts, method="adjointdeis-1")
+        held[m] = report.held_peak_bytes
+    assert held[64] - held[4] == 60 * x.numel() * x.element_size()
