@@ -164,8 +164,8 @@ def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
     forward tableau into a symplectic partitioned RK method, which conserves λᵀδy: λ_0 is the
     exact gradient of the discrete map up to rounding. Finally ∂L/∂x = λ_0 / α_{t_0}. A
     stage with b_i = 0 would need the special treatment of the paper; such tableaus are
-    not supported (declared in :data:`BUILTIN`). Cost: the forward's n·s network calls again, plus one vector–Jacobian product
-    each; memory: n + 1 states plus one step's activations.
+    not supported (declared in :data:`BUILTIN`). Cost: the forward's n·s network calls again,
+    plus one vector–Jacobian product each; memory: n + 1 states plus one step's activations.
 
     (docs/maths.md §5.3)
     """
