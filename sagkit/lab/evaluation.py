@@ -7,7 +7,7 @@ For each task (a loss, :func:`default_tasks`) and each method (``"none"``, ``"fr
 ``"dps"`` and ``"sag"`` for every n in ``ns``), the same ``num_samples`` initial noises and
 time-travel seeds go through :func:`sagkit.guided_sample` with the same steps, window, repeats
 and step rule, so rows differ in the method only. ``"sag"`` with n = 1 is the same computation
-as ``"freedom"`` (tested in ``tests/test_guidance.py``): it runs once and both rows share the
+as ``"freedom"`` (tested in ``tests/guidance/test_sampler.py``): it runs once and both rows share the
 samples and the time. A row holds
 
 - ``loss``: the mean guidance loss of the final samples (``loss_se`` its standard error, and
