@@ -5,6 +5,7 @@ import torch
 from helpers import tiny_unet  # also importable from here, as before
 
 import sagkit as sk
+from sagkit.digits.classifier import DigitsClassifier
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,28 @@ def register_temporarily(request):
         request.addfinalizer(lambda: registry.unregister(name))
 
     return register
+
+
+@pytest.fixture(scope="session")
+def digits_model(scheduler):
+    """A tiny random class-conditional UNet with an embedding table (float64, 16×16 images)."""
+    unet = tiny_unet(class_embed_type="identity", sample_size=16).double().eval()
+    embeddings = torch.randn(
+        11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    return sk.DigitsModel(unet.requires_grad_(False), scheduler, embeddings)
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    """A tiny random digits classifier (float64); tests of the shipped one override it."""
+    torch.manual_seed(0)
+    return DigitsClassifier(channels=(4, 8, 8), features=8).double().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def x_T():
+    """Three 16×16 noises for the tiny digits model (float64)."""
+    return torch.randn(
+        3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )

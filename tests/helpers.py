@@ -29,11 +29,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sagkit.core.models import GaussianMixture
 from sagkit.core.schedules import time_grid
 
 __all__ = [
     "tiny_unet",
     "F64_AGREE",
+    "one_gaussian",
+    "exact_flow",
     "make_loss",
     "grid",
     "noise",
@@ -286,3 +289,19 @@ def noise(model_or_shape, batch=2, dtype=torch.float64, seed=0):
     shape = model_or_shape
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dtype)
+
+
+def one_gaussian(schedule):
+    """One Gaussian N(μ, 0.5² I) on 2×2 images (float64), for closed-form flows."""
+    mu = torch.tensor([[[0.7, -1.2], [0.4, 2.0]]], dtype=torch.float64)[:, None]
+    return GaussianMixture(mu, 0.5, schedule)
+
+
+def exact_flow(model, x_t, t, s):
+    """x_s = α_s μ + sqrt(v_s / v_t)(x_t − α_t μ) for one Gaussian (docs/maths.md §4.3)."""
+    sch, mu = model.schedule, model.means[0]
+
+    def v(u):
+        return sch.alpha(u) ** 2 * model.std**2 + sch.sigma(u) ** 2
+
+    return sch.alpha(s) * mu + math.sqrt(v(s) / v(t)) * (x_t - sch.alpha(t) * mu)

@@ -143,6 +143,15 @@ def _adjoint_sweep(f, states, steps, tableau, lam, zs, z_adj):
     return lam
 
 
+def _adjoint_setup(model, x, ts, solver, cond, names):
+    """What the symplectic and budgeted engines start from: the tableau, fresh leaves, the
+    tensors z (cond and/or θ) whose gradients accumulate, the flow f and the step list."""
+    tableau = SOLVERS[solver]
+    x, cond, targets = make_leaves(model, x, cond, names)
+    zs = flat_targets(targets, [w for w in names if w != "x"])  # cond and/or θ
+    return tableau, x, targets, zs, ProbabilityFlow(model, cond), _steps(model.schedule, ts)
+
+
 def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
     """The symplectic adjoint method (Matsubara, Miyatake & Yaguchi 2021) of an explicit RK solve.
 
@@ -169,11 +178,7 @@ def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
 
     (docs/maths.md §5.3)
     """
-    tableau = SOLVERS[solver]
-    x, cond, targets = make_leaves(model, x, cond, names)
-    zs = flat_targets(targets, [w for w in names if w != "x"])  # cond and/or θ
-    f = ProbabilityFlow(model, cond)
-    steps = _steps(model.schedule, ts)
+    tableau, x, targets, zs, f, steps = _adjoint_setup(model, x, ts, solver, cond, names)
 
     with torch.no_grad():  # forward: the states, no graphs
         y = f.to_y(x.detach(), ts[0])
@@ -231,11 +236,7 @@ def _budgeted(model, loss_fn, x, ts, *, solver, cond, names, keep_steps=None, bu
 
     (docs/maths.md §5.7)
     """
-    tableau = SOLVERS[solver]
-    x, cond, targets = make_leaves(model, x, cond, names)
-    zs = flat_targets(targets, [w for w in names if w != "x"])  # cond and/or θ
-    f = ProbabilityFlow(model, cond)
-    steps = _steps(model.schedule, ts)
+    tableau, x, targets, zs, f, steps = _adjoint_setup(model, x, ts, solver, cond, names)
     n = len(steps)
     budget = BUDGET_BYTES if keep_steps is None and budget_bytes is None else budget_bytes
 

@@ -5,42 +5,30 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import RoundingChain, pair_bound, rel, roundoff_bound, tiny_unet
+from helpers import (
+    RoundingChain,
+    exact_flow,
+    one_gaussian,
+    pair_bound,
+    rel,
+    roundoff_bound,
+    tiny_unet,
+)
 
 import sagkit as sk
+
 
 # The float64 tolerances below (1e-14 … 1e-9) bound identities that a few dozen float64
 # operations evaluate on O(1) numbers: γ_N = N · 1.1e-16 ≈ 1e-15 for such N, so each leaves
 # ≥ 10 γ_N for rounding (1e-10 and 1e-9 also for cancellation in a closed-form inverse and a
 # difference of λs), while staying ≪ the 1e-2 error of a wrong formula.
-SCHEDULES = {
-    "linear": sk.VPSchedule.linear(),
-    "cosine": sk.VPSchedule.cosine(),
-}
-
-
-def _one_gaussian(schedule):
-    mu = torch.tensor([[[0.7, -1.2], [0.4, 2.0]]], dtype=torch.float64)[:, None]
-    return sk.GaussianMixture(mu, 0.5, schedule)
-
-
-def _exact_flow(model, x_t, t, s):
-    """x_s = α_s μ + sqrt(v_s / v_t)(x_t − α_t μ) for one Gaussian (MATH §4)."""
-    sch, mu = model.schedule, model.means[0]
-
-    def v(u):
-        return sch.alpha(u) ** 2 * model.std**2 + sch.sigma(u) ** 2
-
-    return sch.alpha(s) * mu + math.sqrt(v(s) / v(t)) * (x_t - sch.alpha(t) * mu)
-
-
 @pytest.mark.parametrize("spacing", ["time", "lambda"])
 @pytest.mark.parametrize("solver,order", [("ddim", 1), ("heun", 2), ("rk4", 4)])
 def test_solver_convergence_order(solver, order, spacing):
-    model = _one_gaussian(sk.VPSchedule.linear())
+    model = one_gaussian(sk.VPSchedule.linear())
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     t, s = 0.9, 0.05
-    exact = _exact_flow(model, x, t, s)
+    exact = exact_flow(model, x, t, s)
     ns = [16, 32, 64, 128]
     errors = []
     for n in ns:
@@ -72,7 +60,7 @@ def test_ddim_matches_diffusers_scheduler(scheduler):
 
 
 def test_ddim_step_is_the_paper_formula(mixture):
-    """x_s = (α_s/α_t) x_t − σ_s (e^h − 1) ε(x_t, t), h = λ_s − λ_t (MATH §2)."""
+    """x_s = (α_s/α_t) x_t − σ_s (e^h − 1) ε(x_t, t), h = λ_s − λ_t (docs/maths.md §2.2)."""
     sch = mixture.schedule
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
     t, s = 0.7, 0.4

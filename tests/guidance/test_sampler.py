@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-from helpers import RoundingChain, pair_bound, rel, roundoff_bound, tiny_unet
+from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
-from sagkit.digits.classifier import DigitsClassifier
 from sagkit.guidance import losses
 from sagkit.guidance.sampler import (
     dps_step_size,
@@ -20,29 +19,6 @@ from sagkit.guidance.sampler import (
 from sagkit.lab.profiling import CountingModel
 
 METHODS = ("none", "freedom", "dps", "sag")
-
-
-@pytest.fixture(scope="module")
-def digits_model(scheduler):
-    """A tiny random class-conditional UNet with an embedding table (float64, 16×16 images)."""
-    unet = tiny_unet(class_embed_type="identity", sample_size=16).double().eval()
-    embeddings = torch.randn(
-        11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
-    return sk.DigitsModel(unet.requires_grad_(False), scheduler, embeddings)
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    torch.manual_seed(0)
-    return DigitsClassifier(channels=(4, 8, 8), features=8).double().eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    return torch.randn(
-        3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
 
 
 def _inpaint_loss(reference):

@@ -5,39 +5,13 @@ import math
 import matplotlib.pyplot as plt
 import pytest
 import torch
-from helpers import tiny_unet
 from matplotlib.figure import Figure
 
-import sagkit as sk
-from sagkit.digits.classifier import DigitsClassifier
 from sagkit.guidance import losses
 from sagkit.lab.evaluation import GuidanceTask, evaluate_guidance, guidance_table
 from sagkit.lab.guidance_figures import guided_grid, loss_curves, method_grid, run_methods
 
 METHODS = ("none", "freedom", "dps", "sag")
-
-
-@pytest.fixture(scope="module")
-def digits_model(scheduler):
-    """A tiny random class-conditional UNet with an embedding table (float64, 16×16 images)."""
-    unet = tiny_unet(class_embed_type="identity", sample_size=16).double().eval()
-    embeddings = torch.randn(
-        11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
-    return sk.DigitsModel(unet.requires_grad_(False), scheduler, embeddings)
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    torch.manual_seed(0)
-    return DigitsClassifier(channels=(4, 8, 8), features=8).double().eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    return torch.randn(
-        3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
 
 
 def test_widgets_return_figures(digits_model, classifier, x_T):
