@@ -1,6 +1,10 @@
-"""Print the training-free guidance table: none, FreeDoM, DPS and SAG (n = 1, 2, 4, 8).
+"""Print the training-free guidance table: sagkit's methods beside the papers' presets.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 40 steps, ≈ 15 min
+Rows: none, FreeDoM, DPS, SAG (n = 3) and backward guidance with sagkit's defaults, and the
+presets sag-paper, freedom-paper and dps-paper (each official code's sampler, window, repeats,
+estimate grid and step rule), all at the same number of steps.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 50 steps, ≈ 25 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --steps 20 --num-samples 16
 
 Data-parallel, resumable (README, "Scaling out evaluation sweeps"; :mod:`sagkit.lab.distributed`):
@@ -36,10 +40,13 @@ from sagkit.lab.evaluation import default_tasks, evaluate_guidance, guidance_tab
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=["none", "freedom", "dps", "sag"])
+    parser.add_argument("--ns", type=int, nargs="+", default=[3])
+    parser.add_argument(
+        "--methods", nargs="+", default=["none", "freedom", "dps", "sag", "backward"]
+    )
+    parser.add_argument("--presets", nargs="*", default=["sag-paper", "freedom-paper", "dps-paper"])
     parser.add_argument("--tasks", nargs="+", default=None, help="class style identity inpaint")
     parser.add_argument("--window", type=float, nargs=2, default=[0.3, 0.7])
     parser.add_argument("--repeats", type=int, default=2)
@@ -92,6 +99,7 @@ def main(argv=None) -> None:
             tasks=[task],
             methods=args.methods,
             ns=args.ns,
+            presets=args.presets,
             num_samples=args.num_samples,
             steps=args.steps,
             seed=args.seed,

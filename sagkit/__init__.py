@@ -36,6 +36,7 @@ from .gradients import (
 )
 from .guidance import losses
 from .guidance.optimize import evaluate_morphs, morph, optimize_latent
+from .guidance.presets import PRESETS
 from .guidance.sampler import GUIDANCE, guided_sample
 from .lab.convergence import convergence_study
 from .lab.evaluation import evaluate_guidance
@@ -70,6 +71,7 @@ __all__ = [
     # guidance
     "losses",
     "GUIDANCE",
+    "PRESETS",
     "guided_sample",
     "optimize_latent",
     "morph",

@@ -18,6 +18,11 @@ from inside torch or diffusers. Each kind of check lives once:
     check_inputs(model, x, cond=cond)        the model, x and cond of a sampler or engine
     check_gradients(grads, names, method=m)  the gradients an engine returns are finite
 
+A check of a tensor's values (finite, in range) reads the tensor on the host: on a GPU that is a
+host–device synchronisation. Inside :func:`deferred_checks` such a check records its verdict on
+the device instead (:func:`require`), and the block ends with one synchronisation that raises
+the first failure: the guided sampler's loop runs that way, with no synchronisation per step.
+
 float16 and bfloat16 are refused: the gradient engines lose all accuracy in half precision
 (relative errors of 10³ and more were measured), so sagkit works in float32 and float64.
 """
@@ -25,10 +30,12 @@ float16 and bfloat16 are refused: the gradient engines lose all accuracy in half
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import numbers
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -51,6 +58,8 @@ __all__ = [
     "one_line_errors",
     "PROGRESS_STEPS",
     "show_progress",
+    "require",
+    "deferred_checks",
 ]
 
 PROGRESS_STEPS = 1000
@@ -58,6 +67,46 @@ PROGRESS_STEPS = 1000
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 """The dtypes sagkit computes in; half precision is refused with a message."""
+
+
+_PENDING: ContextVar[list | None] = ContextVar("sagkit_pending_checks", default=None)
+
+
+def require(ok: torch.Tensor, message: Callable[[], str]) -> None:
+    """Raise ``ValueError(message())`` unless the boolean 0-dim tensor ``ok`` is true.
+
+    Inside :func:`deferred_checks` the verdict is only recorded (no host–device sync) and the
+    error, if any, is raised when the block ends; ``message`` is then called after the fact,
+    so it must not depend on values that change in between.
+    """
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.append((ok.detach().reshape(()), message))
+    elif not bool(ok):
+        raise ValueError(message())
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Defer the value checks of :func:`require` to the end of the block: one sync in all.
+
+    The first failed check (in order) raises its ``ValueError`` when the block exits normally.
+    Nested blocks join the outer one.
+    """
+    if _PENDING.get() is not None:  # already deferring: the outer block checks
+        yield
+        return
+    pending: list = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    if pending:
+        verdicts = torch.stack([ok.to("cpu", non_blocking=False) for ok, _ in pending])
+        failed = (~verdicts).nonzero()
+        if failed.numel():
+            raise ValueError(pending[int(failed[0])][1]())
 
 
 def check_model(model, name: str = "model") -> None:
@@ -86,9 +135,14 @@ def _dtype_check(x: torch.Tensor, name: str) -> None:
 def check_finite(value, name: str) -> None:
     """Raise ``ValueError`` if ``value`` (a number or a tensor) holds NaN or inf."""
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{name} contains NaN or inf ({bad} of {value.numel()} entries)")
+        if value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value.detach())
+            require(
+                finite.all(),
+                lambda: (
+                    f"{name} contains NaN or inf ({int((~finite).sum())} of {value.numel()} entries)"
+                ),
+            )
     elif isinstance(value, numbers.Real) and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
 
@@ -144,9 +198,9 @@ def check_time(t, name: str = "t", *, allow_zero: bool = False) -> None:
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a time or times in [0, 1], got {t!r}") from None
     low_ok = (tt >= 0) if allow_zero else (tt > 0)
-    if not bool((low_ok & (tt <= 1)).all()) or bool(torch.isnan(tt).any()):
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {tt.tolist()}")
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+    # NaN fails both comparisons
+    require((low_ok & (tt <= 1)).all(), lambda: f"{name} must lie in {interval}, got {tt.tolist()}")
 
 
 def check_grid(ts) -> torch.Tensor:
@@ -211,13 +265,16 @@ def check_gradients(grads, names, *, method: str) -> None:
     inf. ``grads`` is in the order of ``names`` ("params": a tuple over the parameters)."""
     for w, g in zip(names, grads, strict=True):
         for i, part in enumerate(g if isinstance(g, (tuple, list)) else [g]):
-            if isinstance(part, torch.Tensor) and not bool(torch.isfinite(part).all()):
+            if isinstance(part, torch.Tensor):
                 which = f"parameter {i}" if w == "params" else w
-                raise ValueError(
-                    f"method {method!r} returned a non-finite gradient with respect to {which} "
-                    "although the loss was finite: the backward pass overflowed (a step too large "
-                    "for the dtype, or a model that is not differentiable there); try float64, "
-                    "more steps or another method"
+                require(
+                    torch.isfinite(part).all(),
+                    lambda which=which: (
+                        f"method {method!r} returned a non-finite gradient with respect to {which} "
+                        "although the loss was finite: the backward pass overflowed (a step too "
+                        "large for the dtype, or a model that is not differentiable there); try "
+                        "float64, more steps or another method"
+                    ),
                 )
 
 

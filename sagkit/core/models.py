@@ -26,6 +26,7 @@ __all__ = ["GaussianMixture", "DiffusersModel", "ClassifierFreeGuidance"]
 
 def _time_column(t, x: torch.Tensor) -> torch.Tensor:
     """t as a float64 tensor of shape (B,) for a batch x of shape (B, ...)."""
+    check_time(t, "t", allow_zero=True)  # a float is checked on the host, before any copy
     tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
     if tt.ndim == 0:
         tt = tt.expand(x.shape[0])
@@ -33,7 +34,6 @@ def _time_column(t, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"t must be a float or a tensor of shape ({x.shape[0]},), got {tuple(tt.shape)}"
         )
-    check_time(tt, "t", allow_zero=True)
     return tt
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.checks import check_gradients, check_inputs
+from ..core.checks import check_gradients, check_inputs, require
 from ..core.registry import Registry
 from ..core.solvers import SOLVERS, Tableau, check_grid
 
@@ -172,8 +172,10 @@ def evaluate_loss(loss_fn: Callable, x_out: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"loss_fn must return a scalar or ({x_out.shape[0]},) values, got shape {tuple(value.shape)}"
         )
-    if not bool(torch.isfinite(value.detach())):
-        raise ValueError(f"loss_fn returned a non-finite value ({value.item()})")
+    require(
+        torch.isfinite(value.detach()),
+        lambda: f"loss_fn returned a non-finite value ({value.item()})",
+    )
     if torch.is_grad_enabled() and x_out.requires_grad and not value.requires_grad:
         raise ValueError(
             "loss_fn's value does not depend on its input through differentiable operations "

@@ -41,7 +41,8 @@ was seed + 1 + the batch's first index; seeding each sample and shard by itself 
 number of a run, and the loss is now evaluated shard by shard, as the ranks do.)
 
 With ``out_dir`` every shard is written as it finishes, to
-``<task>__<rule>-n<n>__<first>-<end>.json`` (rule "none", "rms" — FreeDoM and SAG — or "dps";
+``<task>__<method>-n<n>__<first>-<end>.json`` (method: the step rule "none", "rms" — FreeDoM
+and SAG —, "dps" or "backward", or a preset's name;
 losses as JSON floats, samples as their raw bytes, both exact), with the settings it was run
 with; a rerun loads the shards it finds (and refuses a file written with other settings) and
 computes the rest. The settings do not cover the model's weights or the loss's definition:
@@ -70,6 +71,7 @@ from ..core.checks import check_count, check_name, check_scale
 from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
+from ..guidance.presets import PRESETS
 from ..guidance.sampler import DEFAULT_WINDOW, GUIDANCE, guided_sample
 from .distributed import gather, rank_and_world, shard
 
@@ -137,6 +139,7 @@ def evaluate_guidance(
     tasks: Sequence[GuidanceTask] | None = None,
     methods: Sequence[str] = ("none", "freedom", "dps", "sag"),
     ns: Sequence[int] = (1, 2, 4, 8),
+    presets: Sequence[str] = (),
     num_samples: int = 64,
     steps: int = 50,
     seed: int = 0,
@@ -154,6 +157,10 @@ def evaluate_guidance(
         model, classifier: the diffusion model and the classifier (same dtype and device).
         tasks: defaults to :func:`default_tasks` (classifier).
         methods: guidance names; "sag" runs once per n in ``ns``.
+        presets: names in :data:`sagkit.guidance.presets.PRESETS`, one row each, at ``steps``
+            steps (their window and repeats keep their fractions). They run with
+            ``step_size="per-sample"``: the official codes sample one image at a time, where
+            their per-batch ρ is the per-sample one, and a shard batches many.
         num_samples: samples per row; the noise of sample i is the same in every row.
         steps, window, repeats, scale: passed to :func:`sagkit.guided_sample` for every method
             (DPS included: equal time travel; ``dps_scale`` is its ζ).
@@ -167,9 +174,11 @@ def evaluate_guidance(
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
     single process.
     """
-    methods, ns = tuple(methods), tuple(ns)
-    if not methods:
-        raise ValueError("methods must name at least one guidance method")
+    methods, ns, presets = tuple(methods), tuple(ns), tuple(presets)
+    if not methods and not presets:
+        raise ValueError("methods or presets must name at least one guidance method")
+    for name in presets:
+        check_name(name, "presets entries", PRESETS)
     for m in methods:
         check_name(m, "methods entries", GUIDANCE)
     if "sag" in methods and not ns:
@@ -189,31 +198,35 @@ def evaluate_guidance(
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    common = {
-        "steps": steps,
-        "window": window,
-        "repeats": repeats,
-        "progress": progress and rank == 0,
-    }
-    # "sag" with n = 1 is "freedom" exactly (tested): one computation per key serves both rows
+    # The guided_sample options of each computation. "sag" with n = 1 is "freedom" exactly
+    # (tested): one computation per key serves both rows.
     plan = {}
     for guidance, n in _methods(methods, ns):
-        key = (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
-        plan.setdefault(key, (guidance, n or 1))
+        rule = GUIDANCE[guidance].step_rule
+        plan.setdefault(
+            _key(guidance, n),
+            {
+                "guidance": guidance,
+                "n": n or 1,
+                "steps": steps,
+                "window": [float(w) for w in window],
+                "repeats": repeats,
+                "scale": None if rule is None else dps_scale if rule == "dps" else scale,
+            },
+        )
+    for name in presets:
+        plan[(name, PRESETS[name].n)] = {"preset": name, "steps": steps, "step_size": "per-sample"}
     bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
     units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
 
     def settings_of(t, key, lo, hi) -> dict:  # what a shard file must match to be reused
         return {
             "task": tasks[t].name,
-            "guidance": key[0] or "none",
+            "method": key[0] or "none",
             "n": key[1],
             "samples": [lo, hi],
             "seed": seed,
-            "steps": steps,
-            "window": [float(w) for w in window],
-            "repeats": repeats,
-            "scale": None if key[0] is None else dps_scale if plan[key][0] == "dps" else scale,
+            "options": plan[key],
             "dtype": str(p.dtype),
             "device": p.device.type,
         }
@@ -234,9 +247,8 @@ def evaluate_guidance(
             result = _read_shard(path, settings)
             _log.info("rank %d loaded %s", rank, path.name)
         else:
-            guidance, n = plan[key]
-            options = common | {"scale": settings["scale"]}
-            result = _run_shard(model, tasks[t].loss, guidance, n, seed, lo, hi, size, options)
+            options = plan[key] | {"progress": progress and rank == 0}
+            result = _run_shard(model, tasks[t].loss, seed, lo, hi, size, options)
             if path is not None:
                 _write_shard(path, settings, result)
             _log.info("rank %d computed %s", rank, path.name if path else settings)
@@ -252,9 +264,10 @@ def evaluate_guidance(
 
     data, data_labels = digits_dataset("all", size=size, dtype=p.dtype)
     rows = []
+    rows_of = [(g, n, _key(g, n)) for g, n in _methods(methods, ns)]
+    rows_of += [(name, PRESETS[name].n, (name, PRESETS[name].n)) for name in presets]
     for t, task in enumerate(tasks):
-        for guidance, n in _methods(methods, ns):
-            key = (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
+        for guidance, n, key in rows_of:
             parts = [results[(t, key, b)] for b in bounds]
             x = torch.cat([r["samples"] for r in parts]).to(p.device)
             values = torch.cat([r["loss"] for r in parts])
@@ -267,7 +280,7 @@ def evaluate_guidance(
                     "task": task.name,
                     "guidance": guidance,
                     "n": n,
-                    "method": method_label(guidance, n),
+                    "method": method_label(guidance, n) if guidance in GUIDANCE else guidance,
                     "loss": float(values.mean()),
                     "loss_se": float(values.std() / math.sqrt(len(values))),
                     "accuracy": math.nan if task.label is None else quality["accuracy"],
@@ -292,13 +305,18 @@ def _derived_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _run_shard(model, loss, guidance, n, seed, lo, hi, size, options) -> dict:
+def _key(guidance: str, n: int | None) -> tuple:
+    """The computation a method's row needs: (step rule, estimate steps)."""
+    return (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
+
+
+def _run_shard(model, loss, seed, lo, hi, size, options) -> dict:
     """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time."""
     p = next(model.parameters())
     x_T = torch.cat([initial_noise(seed, i, (1, size, size)) for i in range(lo, hi)]).to(p)
     generator = torch.Generator().manual_seed(_derived_seed(seed, "time travel", lo, hi))
     start = time.perf_counter()
-    x = guided_sample(model, loss, x_T, guidance=guidance, n=n, generator=generator, **options)
+    x = guided_sample(model, loss, x_T, generator=generator, **options)
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
@@ -309,7 +327,7 @@ def _run_shard(model, loss, guidance, n, seed, lo, hi, size, options) -> dict:
 
 def _shard_name(settings: dict) -> str:
     lo, hi = settings["samples"]
-    return f"{settings['task']}__{settings['guidance']}-n{settings['n']}__{lo:06d}-{hi:06d}.json"
+    return f"{settings['task']}__{settings['method']}-n{settings['n']}__{lo:06d}-{hi:06d}.json"
 
 
 def _write_shard(path: Path, settings: dict, result: dict) -> None:
@@ -347,7 +365,7 @@ def _read_shard(path: Path, settings: dict) -> dict:
 def guidance_table(rows: Sequence[dict], *, baseline: str = "freedom") -> str:
     """A text table of the rows; ``Δ vs <baseline>`` is the paired mean loss difference ± s.e."""
     base = {r["task"]: r["per_sample"] for r in rows if r["method"] == baseline}
-    head = f"{'task':9s} {'method':9s} {'loss':>16s} {'Δ vs ' + baseline:>18s} {'acc':>6s} {'FD':>8s} {'s/sample':>9s}"
+    head = f"{'task':9s} {'method':13s} {'loss':>16s} {'Δ vs ' + baseline:>18s} {'acc':>6s} {'FD':>8s} {'s/sample':>9s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         diff = ""
@@ -356,6 +374,6 @@ def guidance_table(rows: Sequence[dict], *, baseline: str = "freedom") -> str:
             diff = f"{float(d.mean()):+.3g} ± {float(d.std() / math.sqrt(len(d))):.2g}"
         acc = "" if math.isnan(r["accuracy"]) else f"{r['accuracy']:.2f}"
         lines.append(
-            f"{r['task']:9s} {r['method']:9s} {r['loss']:9.4g} ± {r['loss_se']:<6.2g} {diff:>18s} {acc:>6s} {r['fd']:8.2f} {r['sec_per_sample']:9.4f}"
+            f"{r['task']:9s} {r['method']:13s} {r['loss']:9.4g} ± {r['loss_se']:<6.2g} {diff:>18s} {acc:>6s} {r['fd']:8.2f} {r['sec_per_sample']:9.4f}"
         )
     return "\n".join(lines)

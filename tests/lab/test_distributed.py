@@ -103,7 +103,7 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", str(free_port()), str(ROOT / "benchmarks" / "guidance_eval.py"),
-        "--tasks", "class", "--methods", "none", "freedom", "--num-samples", "4",
+        "--tasks", "class", "--methods", "none", "freedom", "--presets", "--num-samples", "4",
         "--steps", "4", "--batch-size", "1", "--seed", "0", "--verbose",
         "--out-dir", str(tmp_path / "shards"), "--json", str(tmp_path / "rows.json"),
     ]  # fmt: skip
