@@ -39,9 +39,23 @@ def _rms(v):
     return v.pow(2).mean().sqrt()  # over the whole batch, as the codes' .item()
 
 
-def _official_loop(model, loss_fn, x_T, scheduler, *, guided, repeats, guide, generator):
-    """diffusers' loop with the codes' time travel; ``guide(z_t, k, z_prev, eps_info)`` returns
-    the corrected z_prev. The scheduler is copied before a repeated step and restored before
+def _preset_run(model, loss_fn, x_T, preset, seed, cond=None):
+    """sagkit's run of a preset at STEPS steps with the time-travel generator seeded ``seed``."""
+    return sk.guided_sample(
+        model,
+        loss_fn,
+        x_T,
+        preset=preset,
+        steps=STEPS,
+        cond=cond,
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
+    )
+
+
+def _official_loop(x_T, scheduler, *, guided, repeats, guide, generator):
+    """diffusers' loop with the codes' time travel; ``guide(scheduler, z_t, k, τ, guided)``
+    takes the scheduler's step from z_t and, on a guided step, corrects it. The scheduler is copied before a repeated step and restored before
     each repeat (so the history holds the step taken, once)."""
     scheduler.set_timesteps(STEPS)
     taus, acp = scheduler.timesteps, scheduler.alphas_cumprod.double()
@@ -53,7 +67,7 @@ def _official_loop(model, loss_fn, x_T, scheduler, *, guided, repeats, guide, ge
             if r:
                 scheduler = copy.deepcopy(saved)
                 z_t = _renoise(z, acp, tau, taus[k + 1] if k + 1 < len(taus) else None, generator)
-            z = guide(scheduler, z_t, k, tau) if guided[k] else guide(scheduler, z_t, k, tau, None)
+            z = guide(scheduler, z_t, k, tau, guided[k])
     return z
 
 
@@ -80,11 +94,11 @@ def test_sag_paper(digits_model, classifier, x_T):
             z = alpha_bar(b).sqrt() * x0 + (1 - alpha_bar(b)).sqrt() * e
         return z
 
-    def guide(scheduler, z_t, k, tau, guided=True):
+    def guide(scheduler, z_t, k, tau, guided):
         with torch.no_grad():
             e, correction = eps(z_t, tau)
             z_prev = scheduler.step(e, tau, z_t).prev_sample
-        if guided is None:
+        if not guided:
             return z_prev
         remaining = scheduler.timesteps[k:].tolist()
         index = torch.linspace(0, len(remaining) - 1, min(4, len(remaining)), dtype=torch.long)
@@ -95,8 +109,6 @@ def test_sag_paper(digits_model, classifier, x_T):
 
     guided = [0.3 <= k / STEPS < 0.7 for k in range(STEPS)]
     reference = _official_loop(
-        digits_model,
-        loss_fn,
         x_T,
         scheduler,
         guided=guided,
@@ -104,16 +116,7 @@ def test_sag_paper(digits_model, classifier, x_T):
         guide=guide,
         generator=torch.Generator().manual_seed(7),
     )
-    ours = sk.guided_sample(
-        digits_model,
-        loss_fn,
-        x_T,
-        preset="sag-paper",
-        steps=STEPS,
-        cond=cond,
-        generator=torch.Generator().manual_seed(7),
-        progress=False,
-    )
+    ours = _preset_run(digits_model, loss_fn, x_T, "sag-paper", 7, cond)
     torch.testing.assert_close(ours, reference, rtol=F64_AGREE, atol=F64_AGREE)
 
 
@@ -130,20 +133,18 @@ def test_freedom_paper(digits_model, classifier, x_T):
     acp = scheduler.alphas_cumprod.double()
     generator = torch.Generator().manual_seed(8)
 
-    def guide(scheduler, z_t, k, tau, guided=True):
+    def guide(scheduler, z_t, k, tau, guided):
         leaf = z_t.detach().requires_grad_()
         e, correction = eps(leaf, tau)
         x0 = (leaf - (1 - acp[tau]).sqrt() * e) / acp[tau].sqrt()
         z_prev = scheduler.step(e.detach(), tau, z_t, generator=generator).prev_sample
-        if guided is None:
+        if not guided:
             return z_prev
         (g,) = torch.autograd.grad(loss_fn(x0).sum(), leaf)
         return z_prev - 0.2 * w * _rms(correction.detach()) / _rms(g) * g
 
     guided = [0.3 <= k / STEPS < 0.7 for k in range(STEPS)]
     reference = _official_loop(
-        digits_model,
-        loss_fn,
         x_T,
         scheduler,
         guided=guided,
@@ -151,16 +152,7 @@ def test_freedom_paper(digits_model, classifier, x_T):
         guide=guide,
         generator=generator,
     )
-    ours = sk.guided_sample(
-        digits_model,
-        loss_fn,
-        x_T,
-        preset="freedom-paper",
-        steps=STEPS,
-        cond=cond,
-        generator=torch.Generator().manual_seed(8),
-        progress=False,
-    )
+    ours = _preset_run(digits_model, loss_fn, x_T, "freedom-paper", 8, cond)
     torch.testing.assert_close(ours, reference, rtol=F64_AGREE, atol=F64_AGREE)
 
 
@@ -178,7 +170,7 @@ def test_dps_paper(digits_model, x_T):
     acp = scheduler.alphas_cumprod.double()
     generator = torch.Generator().manual_seed(9)
 
-    def guide(scheduler, z_t, k, tau, guided=True):
+    def guide(scheduler, z_t, k, tau, guided):
         leaf = z_t.detach().requires_grad_()
         e = digits_model.unet(leaf, tau, class_labels=null).sample
         x0 = (leaf - (1 - acp[tau]).sqrt() * e) / acp[tau].sqrt()
@@ -188,8 +180,6 @@ def test_dps_paper(digits_model, x_T):
         return z_prev - 0.5 * g
 
     reference = _official_loop(
-        digits_model,
-        loss_fn,
         x_T,
         scheduler,
         guided=[True] * STEPS,
@@ -197,15 +187,7 @@ def test_dps_paper(digits_model, x_T):
         guide=guide,
         generator=generator,
     )
-    ours = sk.guided_sample(
-        digits_model,
-        loss_fn,
-        x_T,
-        preset="dps-paper",
-        steps=STEPS,
-        generator=torch.Generator().manual_seed(9),
-        progress=False,
-    )
+    ours = _preset_run(digits_model, loss_fn, x_T, "dps-paper", 9)
     torch.testing.assert_close(ours, reference, rtol=F64_AGREE, atol=F64_AGREE)
 
 
