@@ -86,3 +86,24 @@ def test_method_curves_labels_approximate_groups_with_sep():
     drawn = plotting.method_curves(ax, _rows(), "v", groups=[["a", "c"]], sep=" ≈ ")
     matplotlib.pyplot.close(fig)
     assert list(drawn) == ["a ≈ c"] and drawn["a ≈ c"][1] == [5.0, 3.0]
+
+
+def test_plot_convergence_labels_its_guides_and_hides_no_line():
+    from sagkit.lab.convergence import plot_convergence
+
+    study = {
+        "steps": [10, 20, 40],
+        "errors": {
+            "adjointdeis-1 (eps)": [0.4, 0.2, 0.1],
+            "adjoint (vanilla)": [0.41, 0.2, 0.1],  # nearly the same curve
+            "backprop (ddim)": [0.2, 0.1, 0.05],
+        },
+        "slopes": {"adjointdeis-1 (eps)": 1.0, "adjoint (vanilla)": 1.0, "backprop (ddim)": 1.0},
+    }
+    fig = plot_convergence(study, title="t")
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.lines]
+    matplotlib.pyplot.close(fig)
+    assert "guide: error ∝ M^-1" in labels and "guide: error ∝ M^-2" in labels
+    vanilla = next(line for line in ax.lines if line.get_label().startswith("adjoint (vanilla)"))
+    assert vanilla.get_linestyle() == "None" and vanilla.get_marker() == "x"  # crosses on top
