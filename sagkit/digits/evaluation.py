@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from .classifier import DigitsClassifier
 from .data import digits_dataset
 from .models import DigitsModel, sample_digits
 
-__all__ = ["frechet_distance", "evaluate_samples", "evaluate_digits"]
+__all__ = [
+    "frechet_distance",
+    "evaluate_samples",
+    "evaluate_digits",
+    "nearest_distance",
+    "RealismCheck",
+    "realism_check",
+]
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,3 +101,54 @@ def evaluate_digits(
         )
         results[f"w={w:g}"] = evaluate_samples(classifier, samples, labels, test_x)
     return results
+
+
+@torch.no_grad()
+def nearest_distance(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The RMS pixel distance of each image to its nearest reference image.
+
+    d(x_b) = min_m ‖x_b − r_m‖ / sqrt(D), D pixels per image; x (B, ...), reference (M, ...)
+    with the same image shape. Returns (B,) float64.
+    """
+    flat_x, flat_r = x.flatten(1).double().cpu(), reference.flatten(1).double().cpu()
+    if flat_x.shape[1] != flat_r.shape[1]:
+        raise ValueError(
+            f"x and reference must hold images of the same size, got {tuple(x.shape[1:])} "
+            f"and {tuple(reference.shape[1:])}"
+        )
+    return torch.cdist(flat_x, flat_r).min(1).values / math.sqrt(flat_x.shape[1])
+
+
+@dataclass(frozen=True)
+class RealismCheck:
+    """Is an image near the data? ``check(x)`` → (B,) bools: nearest_distance(x, reference) ≤
+    threshold (images clamped to [-1, 1] first, as the classifier sees them).
+
+    A distance to the data manifold, in pixels: the classifier cannot serve, since it calls pure
+    noise a digit with confidence up to that of real digits.
+    """
+
+    reference: torch.Tensor
+    threshold: float
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        return nearest_distance(x.clamp(-1, 1), self.reference)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.distance(x) <= self.threshold
+
+
+def realism_check(*, factor: float = 2.0) -> RealismCheck:
+    """The realism check of the shipped digits: the training digits as reference, and the
+    threshold ``factor`` × the largest distance of a held-out digit to its nearest training
+    digit (so every held-out digit passes, with a margin of ``factor``).
+
+    With the default factor 2 the threshold lies well below the distance of Gaussian noise
+    (clamped to [-1, 1]) to any digit (tested in ``tests/digits/test_evaluation.py``).
+    """
+    if not factor > 0:
+        raise ValueError(f"factor must be positive, got {factor!r}")
+    train, _ = digits_dataset("train")
+    held_out, _ = digits_dataset("test")
+    largest = float(nearest_distance(held_out, train).max())
+    return RealismCheck(train, factor * largest)

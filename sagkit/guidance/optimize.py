@@ -231,17 +231,25 @@ def evaluate_morphs(
     *,
     n_pairs: int = 32,
     seed: int = 0,
+    realism=None,
     **morph_kwargs,
 ) -> dict:
     """Morph ``n_pairs`` random pairs of images with different labels, in one batch.
 
     Args:
         images: (N, C, H, W) real (held-out) images; labels: (N,) their classes.
+        realism: optional images (B, C, H, W) → (B,) bools, True for an image that looks like
+            data (e.g. :func:`sagkit.digits.evaluation.realism_check`). The identity loss alone
+            can be fooled by an image off the data manifold (noise), so with a check a morph
+            succeeds only when it also passes it.
         morph_kwargs: passed to :func:`morph` (ts, steps, lr, method, inversion_iters, progress).
     Returns:
         The :func:`morph` dict plus ``a``, ``b`` (the pairs), ``pairs`` (n_pairs, 2) indices and a
         ``summary``: mean loss before/after, the fraction of pairs whose loss fell, and the
-        success rates before/after (closer to both a and b than they are to each other).
+        success rates before/after (closer to both a and b than they are to each other). With
+        ``realism``: ``realistic_before``/``realistic_after`` (B,) bools in the dict, the
+        summary's ``rejected_before``/``rejected_after`` (how many morphs the check rejects)
+        and success rates that count only morphs passing it.
     """
     labels = torch.as_tensor(labels)
     check_count(n_pairs, "n_pairs")
@@ -273,6 +281,11 @@ def evaluate_morphs(
         **morph_kwargs,
     )
     out.update(a=a, b=b, pairs=pairs)
+    if realism is not None:
+        for key in ("before", "after"):
+            real = torch.as_tensor(realism(out[key])).to(out[f"success_{key}"].device)
+            out[f"realistic_{key}"] = real
+            out[f"success_{key}"] = out[f"success_{key}"] & real
     lb, la = out["loss_before"], out["loss_after"]
     out["summary"] = {
         "pairs": n_pairs,
@@ -282,4 +295,7 @@ def evaluate_morphs(
         "success_before": float(out["success_before"].double().mean()),
         "success_after": float(out["success_after"].double().mean()),
     }
+    if realism is not None:
+        for key in ("before", "after"):
+            out["summary"][f"rejected_{key}"] = int((~out[f"realistic_{key}"]).sum())
     return out

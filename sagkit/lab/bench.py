@@ -32,7 +32,7 @@ from ..core.schedules import time_grid
 from ..gradients import METHODS, finite_difference, loss_grad
 from .profiling import profile_gradient
 
-__all__ = ["build_model", "run_benchmark", "gradient_accuracy", "bench_table"]
+__all__ = ["build_model", "run_benchmark", "gradient_accuracy", "bench_table", "pivot_table"]
 
 MODELS = ("mixture", "unet")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -248,4 +248,27 @@ def bench_table(rows: list[dict]) -> str:
             f"{r['time_s']:>9.3f}s{r['time_rel']:>9.2f}{_bytes(r['saved_bytes']):>12}"
             f"{_bytes(r['cuda_peak_bytes']):>12}{r['model_calls']:>7}"
         )
+    return "\n".join(lines)
+
+
+def pivot_table(rows: list[dict], key: str, *, fmt: str = "{:.2f}", unit: float = 1.0) -> str:
+    """A compact table of one quantity: one line per method, one column per n.
+
+    Each cell is ``fmt.format(row[key] / unit)`` (e.g. ``unit=2**20`` for MiB), "-" where the
+    method has no value at that n (a refused configuration).
+    """
+    if not rows:
+        return "(no rows)"
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ns = sorted({r["n"] for r in rows})
+    got = {(r["n"], r["method"]): r.get(key) for r in rows}
+    w = max(8, *(len(m) + 2 for m in methods))
+    cells = {
+        (n, m): "-" if got.get((n, m)) is None else fmt.format(got[n, m] / unit)
+        for n in ns
+        for m in methods
+    }
+    cw = max(8, *(len(c) + 2 for c in cells.values()))
+    lines = [f"{'method':<{w}}" + "".join(f"{'n=' + str(n):>{cw}}" for n in ns)]
+    lines += [f"{m:<{w}}" + "".join(f"{cells[n, m]:>{cw}}" for n in ns) for m in methods]
     return "\n".join(lines)

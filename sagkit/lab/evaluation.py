@@ -88,12 +88,17 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GuidanceTask:
-    """A guidance loss with a name and, where it has one, the digit it should produce."""
+    """A guidance loss with a name and, where it has one, the digit it should produce.
+
+    ``reference``: the image the loss compares with, (C, H, W), where it has one; ``mask``: for
+    a reconstruction task, the observed pixels (1 observed, 0 not), broadcastable to it.
+    """
 
     name: str
     loss: Callable
     label: int | None = None
     reference: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 def default_tasks(classifier, *, target: int = 3, reference_index: int = 0) -> list[GuidanceTask]:
@@ -119,7 +124,7 @@ def default_tasks(classifier, *, target: int = 3, reference_index: int = 0) -> l
         GuidanceTask("class", losses.target_class(classifier, target), target),
         GuidanceTask("style", losses.style(classifier, images[other]), None, images[other]),
         GuidanceTask("identity", losses.feature_match(classifier, ref), ref_label, ref),
-        GuidanceTask("inpaint", losses.masked_reconstruction(ref, mask), ref_label, ref),
+        GuidanceTask("inpaint", losses.masked_reconstruction(ref, mask), ref_label, ref, mask),
     ]
 
 

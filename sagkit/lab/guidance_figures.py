@@ -10,13 +10,21 @@ from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from tqdm.auto import tqdm
 
 from ..guidance import losses
 from ..guidance.sampler import DEFAULT_WINDOW, guidance_window, guided_sample
 from .evaluation import method_label
 from .plotting import image_grid
 
-__all__ = ["run_methods", "method_grid", "loss_curves", "guided_grid"]
+__all__ = [
+    "run_methods",
+    "method_grid",
+    "loss_curves",
+    "guided_grid",
+    "paired_differences",
+    "observed_view",
+]
 
 DEFAULT_METHODS = (("none", None), ("freedom", None), ("sag", 3))
 
@@ -28,16 +36,17 @@ def run_methods(
     *,
     methods: Sequence[tuple[str, int | None]] = DEFAULT_METHODS,
     seed: int = 0,
+    progress: bool = False,
     **options,
 ) -> dict[str, dict]:
     """Run :func:`sagkit.guided_sample` once per (guidance, n) from the same x_T and seed.
 
-    ``options`` (steps, scale, window, repeats, …) are shared by every method. Returns
-    {label: {"samples": (B, ...), "losses": (steps + 1, B)}} with labels from
-    :func:`sagkit.lab.evaluation.method_label`.
+    ``options`` (steps, scale, window, repeats, …) are shared by every method; ``progress``
+    shows one bar over the methods. Returns {label: {"samples": (B, ...), "losses":
+    (steps + 1, B)}} with labels from :func:`sagkit.lab.evaluation.method_label`.
     """
     results = {}
-    for guidance, n in methods:
+    for guidance, n in tqdm(methods, desc="methods", disable=not progress, leave=False):
         samples, curve = guided_sample(
             model,
             loss_fn,
@@ -97,22 +106,33 @@ def guided_grid(
     classifier,
     *,
     target: int = 3,
-    n: int = 3,
+    n: int = 2,
     scale: float = 2.0,
     window=DEFAULT_WINDOW,
-    num: int = 8,
-    steps: int = 30,
+    num: int = 4,
+    steps: int = 20,
     seed: int = 0,
     repeats: int = 2,
 ):
     """The widget's figure: unguided, FreeDoM and SAG (n steps) samples for a target digit.
+
+    The defaults are a small workload (4 samples, 20 steps, n = 2: a few seconds on one CPU
+    core) whose window holds guided steps.
 
     Args:
         model, classifier: as for :func:`sagkit.lab.evaluation.evaluate_guidance`.
         target: the digit of the target-class loss (:func:`sagkit.guidance.losses.target_class`).
         n, scale, window, repeats, steps: passed to :func:`sagkit.guided_sample`.
         num: samples per method, from noise seeded by ``seed``.
+    Raises:
+        ValueError: before sampling, when ``window`` holds none of the ``steps`` steps (the
+            message says which steps a window guides).
     """
+    if not any(guidance_window(steps, window)):
+        raise ValueError(
+            f"the window {tuple(window)} holds none of the {steps} steps (step k is guided when "
+            f"lo <= k/{steps} < hi): widen it to at least 1/{steps}"
+        )
     p = next(model.parameters())
     size = model.unet.config.sample_size
     x_T = torch.randn((num, 1, size, size), generator=torch.Generator().manual_seed(seed)).to(p)
@@ -132,3 +152,39 @@ def guided_grid(
     fig.suptitle(f"target {target}: guidance scale {scale:g}, window {tuple(window)}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def paired_differences(rows, *, tasks, method: str, baseline: str = "freedom"):
+    """Per-sample loss differences ``method`` − ``baseline`` on the same seeds, one panel per task.
+
+    ``rows`` from :func:`sagkit.lab.evaluation.evaluate_guidance`. Each panel shows the (N,)
+    differences as dots, their mean ± 2 standard errors as a bar, and zero as a line: a bar
+    clear of zero is a difference the seeds cannot explain. Returns ``(figure, stats)`` with
+    stats {task: (mean, standard error)}.
+    """
+    by = {(r["task"], r["method"]): r["per_sample"].double() for r in rows}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks), 3), squeeze=False)
+    stats = {}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        d = (by[task, method] - by[task, baseline]).cpu()
+        mean, se = float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
+        stats[task] = (mean, se)
+        jitter = torch.linspace(-0.15, 0.15, len(d))
+        ax.plot(jitter, d, "o", alpha=0.5, ms=4)
+        ax.errorbar([0.35], [mean], yerr=[2 * se], fmt="s", color="k", capsize=4)
+        ax.axhline(0, color="0.5", lw=1)
+        ax.set_xticks([])
+        ax.set_xlim(-0.4, 0.6)
+        ax.set_title(f"{task}\n{mean:+.3g} ± {se:.2g}", fontsize=9)
+    axes[0][0].set_ylabel(f"loss: {method} − {baseline}\n(per sample, same seeds)")
+    fig.tight_layout()
+    return fig, stats
+
+
+def observed_view(reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What an inpainting loss sees: the reference where ``mask`` is 1, mid-grey (0) elsewhere.
+
+    ``reference`` (C, H, W) in [-1, 1]; ``mask`` broadcastable to it. Returns (C, H, W).
+    """
+    mask = torch.broadcast_to(torch.as_tensor(mask).to(reference), (1, *reference.shape))[0]
+    return mask * reference

@@ -12,7 +12,17 @@ from ..core.estimates import estimate_x0, rms_distance
 from ..core.schedules import nearest_index, time_grid
 from ..core.solvers import solve
 
-__all__ = ["image_grid", "misalignment_curves", "estimate_figure"]
+__all__ = [
+    "image_grid",
+    "misalignment_curves",
+    "estimate_figure",
+    "agreeing_groups",
+    "method_curves",
+    "MIB",
+]
+
+MIB = 2**20
+"""Bytes in a mebibyte: the memory figures' unit."""
 
 
 def _to_image(x: torch.Tensor):
@@ -83,3 +93,80 @@ def estimate_figure(
     fig.suptitle(f"RMS(estimate − final) = {gap:.3f}", fontsize=10)
     fig.tight_layout()
     return fig, gap
+
+
+def _by_method(rows: list[dict], key: str) -> dict[str, dict[int, float]]:
+    """{method: {n: value}} from rows with keys n, method and ``key`` (rows without it skipped)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            out.setdefault(r["method"], {})[int(r["n"])] = float(r[key])
+    return out
+
+
+def agreeing_groups(rows: list[dict], key: str, *, rtol: float = 0.0, atol: float = 0.0):
+    """Methods whose ``key`` agrees at every n, in groups: a list of lists of method names.
+
+    Two methods share a group when |a − b| ≤ atol + rtol·max(|a|, |b|) at every n both have
+    (and they have the same n's); each method joins the first group whose first member it
+    agrees with. The groups keep the order of first appearance in ``rows``.
+    """
+    values = _by_method(rows, key)
+    groups: list[list[str]] = []
+    for method, curve in values.items():
+        for group in groups:
+            ref = values[group[0]]
+            if ref.keys() == curve.keys() and all(
+                abs(curve[n] - ref[n]) <= atol + rtol * max(abs(curve[n]), abs(ref[n])) for n in ref
+            ):
+                group.append(method)
+                break
+        else:
+            groups.append([method])
+    return groups
+
+
+def method_curves(
+    ax,
+    rows: list[dict],
+    key: str,
+    *,
+    groups=None,
+    floor: float | None = None,
+    unit: float = 1.0,
+    sep: str = " = ",
+):
+    """Log–log curves of ``key`` against n, one line per group of methods.
+
+    Args:
+        ax: the matplotlib Axes to draw on.
+        rows: dicts with keys n, method and ``key`` (e.g. from
+            :func:`sagkit.lab.bench.gradient_accuracy`).
+        groups: lists of method names drawn as one line (the largest value of the group at
+            each n), labelled with their names joined by ``sep`` ("a = b = c"; pass " ≈ " for
+            groups that agree only approximately); default: every method alone. Methods in no
+            group are not drawn.
+        floor: values below it are drawn at it (log axes cannot show 0).
+        unit: values are divided by it (e.g. :data:`MIB` to draw bytes in MiB).
+    Returns:
+        {label: (ns, values)}, what was drawn.
+    """
+    values = _by_method(rows, key)
+    groups = [[m] for m in values] if groups is None else groups
+    drawn = {}
+    for group in groups:
+        members = [m for m in group if m in values]
+        if not members:
+            continue
+        ns = sorted(set.intersection(*(set(values[m]) for m in members)))
+        ys = [max(values[m][n] for m in members) / unit for n in ns]
+        if floor is not None:
+            ys = [max(y, floor) for y in ys]
+        label = sep.join(members)
+        ax.loglog(ns, ys, "o-" if len(members) > 1 else "s--", label=label, alpha=0.85)
+        drawn[label] = (ns, ys)
+    all_ns = sorted({n for curve in values.values() for n in curve})
+    ax.set_xticks(all_ns, [str(n) for n in all_ns])
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+    return drawn

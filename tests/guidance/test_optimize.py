@@ -102,3 +102,31 @@ def test_morph_runs_and_lowers_the_identity_loss(scheduler):
     d_a = cosine_distance(clf.features(out["after"]), clf.features(out["a"]))
     d_b = cosine_distance(clf.features(out["after"]), clf.features(out["b"]))
     assert torch.allclose(loss(out["after"]), d_a + d_b + (d_a - d_b).abs())
+
+
+def test_evaluate_morphs_counts_only_realistic_morphs_as_successes(scheduler):
+    """A realism check that rejects every image leaves no success, and the summary says how
+    many morphs it rejected; one that accepts all leaves the success rates as they were."""
+    model = _TinyDigits(scheduler)
+    torch.manual_seed(0)
+    clf = sk.DigitsClassifier(channels=(4, 8, 8), features=8, classes=3, size=8).double().eval()
+    clf.requires_grad_(False)
+    images = _randn((6, 1, 8, 8), 1).clamp(-1, 1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    ts = sk.time_grid(model.schedule, 1.0, model.schedule.t_min, 3)
+    options = dict(n_pairs=3, ts=ts, steps=2, lr=0.1, inversion_iters=1, progress=False)
+
+    def none_real(x):
+        return torch.zeros(len(x), dtype=torch.bool)
+
+    def all_real(x):
+        return torch.ones(len(x), dtype=torch.bool)
+
+    plain = sk.evaluate_morphs(model, clf, images, labels, **options)
+    rejected = sk.evaluate_morphs(model, clf, images, labels, realism=none_real, **options)
+    accepted = sk.evaluate_morphs(model, clf, images, labels, realism=all_real, **options)
+    assert rejected["summary"]["rejected_after"] == rejected["summary"]["rejected_before"] == 3
+    assert rejected["summary"]["success_after"] == rejected["summary"]["success_before"] == 0
+    assert accepted["summary"]["rejected_after"] == 0
+    assert accepted["summary"]["success_after"] == plain["summary"]["success_after"]
+    assert "rejected_after" not in plain["summary"]

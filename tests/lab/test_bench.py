@@ -89,3 +89,18 @@ def test_cli_structure():
         build_parser().parse_args(["bench", "--model", "vae"])
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_pivot_table_has_one_line_per_method_and_a_column_per_n():
+    from sagkit.lab.bench import pivot_table
+
+    rows = [
+        {"n": 2, "method": "backprop", "saved_bytes": 2 * 2**20},
+        {"n": 4, "method": "backprop", "saved_bytes": 4 * 2**20},
+        {"n": 2, "method": "symplectic", "saved_bytes": 2**19},
+        {"n": 4, "method": "symplectic", "error": "refused"},
+    ]
+    lines = pivot_table(rows, "saved_bytes", unit=2**20).splitlines()
+    assert lines[0].split() == ["method", "n=2", "n=4"]
+    assert lines[1].split() == ["backprop", "2.00", "4.00"]
+    assert lines[2].split() == ["symplectic", "0.50", "-"]

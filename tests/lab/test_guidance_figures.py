@@ -9,7 +9,14 @@ from matplotlib.figure import Figure
 
 from sagkit.guidance import losses
 from sagkit.lab.evaluation import GuidanceTask, evaluate_guidance, guidance_table
-from sagkit.lab.guidance_figures import guided_grid, loss_curves, method_grid, run_methods
+from sagkit.lab.guidance_figures import (
+    guided_grid,
+    loss_curves,
+    method_grid,
+    observed_view,
+    paired_differences,
+    run_methods,
+)
 
 METHODS = ("none", "freedom", "dps", "sag")
 
@@ -79,3 +86,49 @@ def test_a_shard_depends_on_its_samples_only(digits_model, classifier):
     six = evaluate_guidance(digits_model, classifier, num_samples=6, **options)[0]
     assert torch.equal(two["per_sample"], six["per_sample"][:2])
     assert not torch.equal(six["per_sample"][:2], six["per_sample"][2:4])
+
+
+def test_guided_grid_refuses_an_empty_window_before_sampling(digits_model, classifier):
+    with pytest.raises(ValueError, match="holds none of the 4 steps"):
+        guided_grid(digits_model, classifier, window=(0.3, 0.45), num=1, steps=4)
+
+
+def test_guided_grid_defaults_guide_some_steps():
+    import inspect
+
+    from sagkit.guidance.sampler import guidance_window
+
+    params = inspect.signature(guided_grid).parameters
+    steps, window = params["steps"].default, params["window"].default
+    assert any(guidance_window(steps, window))
+
+
+def test_paired_differences_are_per_sample_and_paired():
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 2.5, 2.0, 3.0])
+    rows = [
+        {"task": "t", "method": "freedom", "per_sample": a},
+        {"task": "t", "method": "sag n=2", "per_sample": b},
+    ]
+    fig, stats = paired_differences(rows, tasks=["t"], method="sag n=2")
+    plt.close(fig)
+    d = (b - a).double()
+    assert stats["t"] == (pytest.approx(float(d.mean())), pytest.approx(float(d.std() / 2)))
+
+
+def test_observed_view_keeps_the_observed_pixels_and_greys_the_rest():
+    ref = torch.rand(1, 4, 4) * 2 - 1
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    view = observed_view(ref, mask)
+    assert torch.equal(view[:, :2], ref[:, :2]) and bool((view[:, 2:] == 0).all())
+
+
+def test_the_inpaint_task_carries_the_mask_its_loss_observes(classifier):
+    from sagkit.lab.evaluation import default_tasks
+
+    task = next(t for t in default_tasks(classifier) if t.name == "inpaint")
+    ref, mask = task.reference, task.mask
+    noise = torch.randn((2, *ref.shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert bool((task.loss(ref + (1 - mask) * noise) == 0).all())  # unobserved: free
+        assert bool((task.loss(ref + mask * noise) > 0).all())  # observed: penalised
