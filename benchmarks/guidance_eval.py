@@ -4,7 +4,10 @@ Rows: none, FreeDoM, DPS, SAG (n = 3) and backward guidance with sagkit's defaul
 presets sag-paper, freedom-paper and dps-paper (each official code's sampler, window, repeats,
 estimate grid and step rule), all at the same number of steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 50 steps, ≈ 25 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 50 steps, ≈ 30 min
+
+The run of these defaults is stored in ``benchmarks/results/guidance_eval.json`` (rows with
+per-sample losses; ``guidance_eval.txt`` the printed tables): notebook 04 quotes it.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --steps 20 --num-samples 16
 
 Data-parallel, resumable (README, "Scaling out evaluation sweeps"; :mod:`sagkit.lab.distributed`):
