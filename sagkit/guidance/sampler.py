@@ -101,6 +101,7 @@ __all__ = [
     "REUSE_EPS",
     "ESTIMATE_GRIDS",
     "STEP_SIZES",
+    "DEFAULTS",
 ]
 
 GRADIENT_METHOD = "symplectic"
@@ -436,7 +437,7 @@ def guided_sample(
         "backward_steps": backward_steps,
         "cfg_scale": cfg_scale,
     }
-    options = {**_DEFAULTS}
+    options = {**DEFAULTS}
     if preset is not None:
         from .presets import PRESETS  # the presets build on this module
 
@@ -455,7 +456,7 @@ def guided_sample(
     )
 
 
-_DEFAULTS = {
+DEFAULTS = {
     "steps": 50,
     "guidance": "sag",
     "n": 3,
