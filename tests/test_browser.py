@@ -119,13 +119,20 @@ def _free_port() -> int:
 
 def _copy_notebook(work: Path) -> None:
     """Copy the notebook, naming the kernel the test starts in its metadata: JupyterLab asks
-    which kernel to start when the notebook names one that does not exist."""
+    which kernel to start when the notebook names one that does not exist.
+
+    The copy also shows the inputs the notebook collapses (the exercises' answers): JupyterLab
+    replaces a collapsed cell's input by a placeholder whose prompt never shows the execution
+    count, so the end of the run (every prompt numbered) could not be seen. The cells run all
+    the same."""
     nb = json.loads((ROOT / "notebooks" / NOTEBOOK).read_text(encoding="utf-8"))
     nb.setdefault("metadata", {})["kernelspec"] = {
         "name": KERNEL,
         "display_name": "Python 3 (ipykernel)",
         "language": "python",
     }
+    for cell in nb["cells"]:
+        cell.get("metadata", {}).get("jupyter", {}).pop("source_hidden", None)
     (work / NOTEBOOK).write_text(json.dumps(nb, indent=1) + "\n", encoding="utf-8")
 
 

@@ -135,6 +135,7 @@ def method_curves(
     floor: float | None = None,
     unit: float = 1.0,
     sep: str = " = ",
+    styles: dict | None = None,
 ):
     """Log–log curves of ``key`` against n, one line per group of methods.
 
@@ -148,6 +149,8 @@ def method_curves(
             group are not drawn.
         floor: values below it are drawn at it (log axes cannot show 0).
         unit: values are divided by it (e.g. :data:`MIB` to draw bytes in MiB).
+        styles: {label: matplotlib keyword arguments} overriding a line's default style (for
+            example crosses on top for a curve that nearly coincides with another).
     Returns:
         {label: (ns, values)}, what was drawn.
     """
@@ -163,7 +166,9 @@ def method_curves(
         if floor is not None:
             ys = [max(y, floor) for y in ys]
         label = sep.join(members)
-        ax.loglog(ns, ys, "o-" if len(members) > 1 else "s--", label=label, alpha=0.85)
+        style = {"marker": "o" if len(members) > 1 else "s", "alpha": 0.85}
+        style["linestyle"] = "-" if len(members) > 1 else "--"
+        ax.loglog(ns, ys, label=label, **(style | (styles or {}).get(label, {})))
         drawn[label] = (ns, ys)
     all_ns = sorted({n for curve in values.values() for n in curve})
     ax.set_xticks(all_ns, [str(n) for n in all_ns])

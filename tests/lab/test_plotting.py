@@ -107,3 +107,14 @@ def test_plot_convergence_labels_its_guides_and_hides_no_line():
     assert "guide: error ∝ M^-1" in labels and "guide: error ∝ M^-2" in labels
     vanilla = next(line for line in ax.lines if line.get_label().startswith("adjoint (vanilla)"))
     assert vanilla.get_linestyle() == "None" and vanilla.get_marker() == "x"  # crosses on top
+
+
+def test_method_curves_styles_override_a_line():
+    fig, ax = matplotlib.pyplot.subplots()
+    plotting.method_curves(
+        ax, _rows(), "v", groups=[["a"], ["c"]], styles={"c": {"marker": "x", "linestyle": "none"}}
+    )
+    matplotlib.pyplot.close(fig)
+    a_line, c_line = ax.lines
+    assert c_line.get_marker() == "x" and c_line.get_linestyle() == "None"
+    assert a_line.get_marker() == "s" and a_line.get_linestyle() == "--"
