@@ -14,9 +14,10 @@
   through its own ``set_timesteps``/``step``, from the same initial noise as the pipeline
   draws, so that ``guidance="none"`` is the pipeline's own denoising loop;
 - the loss sees decoded images: L(z) = ℓ(D(z / s)) (:func:`sagkit.guidance.latent.decoded_loss`),
-  so the VAE decoder runs inside the guidance gradient of the guided steps only, and once at
-  the end for the output, which goes through the pipeline's safety checker and image
-  post-processing as diffusers' does.
+  so the VAE decoder runs inside the guidance gradient of the guided steps only, once on x_T
+  before the loop (where :func:`sagkit.guided_sample` checks the loss's output shape) and once
+  at the end for the output, which goes through the pipeline's safety checker and image
+  post-processing as diffusers' does (``return_losses`` adds one per step).
 
 Precision: with half-precision weights the UNet, the decoder and a CLIP loss run in half
 precision while the latents, the text embeddings used as conditions, the adjoint and the

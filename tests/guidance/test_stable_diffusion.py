@@ -209,3 +209,25 @@ def test_float16_pipeline_on_cuda():
         generator=torch.Generator("cuda").manual_seed(0), output_type="latent", progress=False,
     )  # fmt: skip
     assert out.images.dtype == torch.float32 and bool(torch.isfinite(out.images).all())
+
+
+def test_the_decoder_runs_in_the_guided_steps_and_at_the_end(pipe, vision, reference):
+    """Decoder calls: one to check the loss on x_T, one per guided evaluation (FreeDoM: one a
+    repeat of a guided step), one for the output; none in the unguided steps."""
+    guided = GuidedStableDiffusion.from_pipe(pipe)
+    calls = []
+    decode = pipe.vae.decode
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    pipe.vae.decode = counted
+    try:
+        guided(
+            "a fox", loss_fn=StyleLoss(vision, reference * 2 - 1), guidance="freedom", steps=8,
+            window=(0.25, 0.75), repeats=2, generator=seeded(), output_type="pt", progress=False,
+        )  # fmt: skip
+    finally:
+        del pipe.vae.decode  # back to the class's method
+    assert len(calls) == 1 + 4 * 2 + 1  # steps 2..5 guided, each taken twice
