@@ -21,10 +21,25 @@ from .checks import check_cond, check_finite, check_matches, check_scale, check_
 from .frames import per_sample, tweedie_x0
 from .schedules import VPSchedule
 
-__all__ = ["HALF_DTYPES", "GaussianMixture", "DiffusersModel", "ClassifierFreeGuidance"]
+__all__ = [
+    "HALF_DTYPES",
+    "working_dtype",
+    "GaussianMixture",
+    "DiffusersModel",
+    "ClassifierFreeGuidance",
+]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """Weight dtypes :class:`DiffusersModel` runs in half precision around a float32 state."""
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sagkit computes in beside a network of ``dtype``: float32 for half precision,
+    else ``dtype`` itself (float32 or float64).
+
+    (docs/maths.md §11.6)
+    """
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def _time_column(t, x: torch.Tensor) -> torch.Tensor:
@@ -256,9 +271,9 @@ class DiffusersModel(nn.Module):
     def _working_reference(self) -> torch.Tensor | None:
         """A tensor in the dtype and device x must have: the weights', float32 for half ones."""
         weight = next(self.unet.parameters(), None)
-        if weight is None or weight.dtype not in HALF_DTYPES:
-            return weight
-        return weight.new_empty((), dtype=torch.float32)
+        if weight is None:
+            return None
+        return weight.new_empty((), dtype=working_dtype(weight.dtype))
 
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """ε(x, t) from the network's output, shape and dtype of x (the network runs in its

@@ -13,8 +13,8 @@ e is the CLIP image embedding: ``image_embeds`` of a ``CLIPVisionModelWithProjec
 pooled output of a ``CLIPVisionModel``. The images reach CLIP through :func:`preprocess`, a
 differentiable copy of ``CLIPImageProcessor`` (docs/maths.md §11.2). sagkit downloads nothing:
 load the CLIP models (and the aesthetic head's weights) yourself. A model in half precision
-runs in it; its features are cast to the images' dtype before the Gram matrices, norms and
-cosines, which are sums of many products (docs/maths.md §11.6).
+runs in it; its features are cast to float32 (or the images' float64) before the Gram
+matrices, norms and cosines, which are sums of many products (docs/maths.md §11.6).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..core.models import working_dtype
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -98,11 +100,11 @@ def image_embeddings(
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> torch.Tensor:
-    """e(x), (B, E) in the images' dtype: ``image_embeds`` of a
+    """e(x), (B, E) in float32 (float64 for float64 images): ``image_embeds`` of a
     ``CLIPVisionModelWithProjection``, ``pooler_output`` of a ``CLIPVisionModel``."""
     out = vision_model(pixel_values=_pixels(vision_model, images, mean, std))
     embeds = getattr(out, "image_embeds", None)
-    return (out.pooler_output if embeds is None else embeds).to(images.dtype)
+    return (out.pooler_output if embeds is None else embeds).to(working_dtype(images.dtype))
 
 
 def text_embeddings(text_model, tokenizer, texts: str | Sequence[str]) -> torch.Tensor:
@@ -131,7 +133,8 @@ def patch_gram(
     std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> torch.Tensor:
     """G = Fᵀ F, (B, D, D), F (B, P, D) the P patch tokens (the class token dropped) output by
-    encoder layer ``layer`` (0-based: ``hidden_states[layer + 1]``), in the images' dtype.
+    encoder layer ``layer`` (0-based: ``hidden_states[layer + 1]``), in float32 (float64 for
+    float64 images).
 
     (docs/maths.md §11.3)
     """
@@ -141,7 +144,7 @@ def patch_gram(
     layers = len(out.hidden_states) - 1
     if not 0 <= layer < layers:
         raise ValueError(f"layer must be in [0, {layers - 1}] for this model, got {layer}")
-    tokens = out.hidden_states[layer + 1][:, 1:, :].to(images.dtype)
+    tokens = out.hidden_states[layer + 1][:, 1:, :].to(working_dtype(images.dtype))
     return tokens.transpose(1, 2) @ tokens
 
 
@@ -196,8 +199,8 @@ class StyleLoss:
         return patch_gram(self.vision_model, images, layer=self.layer, mean=self.mean, std=self.std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        diff = self.gram(images) - self.reference_gram.to(images.dtype)
-        return torch.linalg.matrix_norm(diff, ord="fro")
+        gram = self.gram(images)
+        return torch.linalg.matrix_norm(gram - self.reference_gram.to(gram), ord="fro")
 
 
 class _EmbeddingLoss:
@@ -234,7 +237,8 @@ class ImageSimilarityLoss(_EmbeddingLoss):
             self.reference_embedding = self.embed(_reference(reference))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_distance(self.embed(images), self.reference_embedding.to(images.dtype))
+        e = self.embed(images)
+        return cosine_distance(e, self.reference_embedding.to(e))
 
 
 class TextSimilarityLoss(_EmbeddingLoss):
@@ -263,7 +267,8 @@ class TextSimilarityLoss(_EmbeddingLoss):
         self.text_embeds = text_embeds.detach()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_distance(self.embed(images), self.text_embeds.to(images))
+        e = self.embed(images)
+        return cosine_distance(e, self.text_embeds.to(e))
 
 
 class AestheticLoss(_EmbeddingLoss):
@@ -295,5 +300,5 @@ class AestheticLoss(_EmbeddingLoss):
         e = self.embed(images)
         e = e / e.norm(dim=-1, keepdim=True)
         weight = next(self.head.parameters(), None)
-        score = self.head(e if weight is None else e.to(weight.dtype)).to(images.dtype)
+        score = self.head(e if weight is None else e.to(weight.dtype)).to(e)
         return self.best - score.reshape(images.shape[0])

@@ -30,19 +30,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..core.models import HALF_DTYPES
+from ..core.models import working_dtype
 from .latent import TextConditionedModel, decoded_loss
 from .sampler import guided_sample
 
-__all__ = ["GuidedStableDiffusion", "OUTPUT_TYPES", "working_dtype"]
+__all__ = ["GuidedStableDiffusion", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def working_dtype(weights_dtype: torch.dtype) -> torch.dtype:
-    """The dtype sagkit computes in for network weights of ``weights_dtype``: float32 for
-    half-precision weights, else the weights' own (float32 or float64)."""
-    return torch.float32 if weights_dtype in HALF_DTYPES else weights_dtype
 
 
 class GuidedStableDiffusion:

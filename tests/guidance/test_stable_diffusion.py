@@ -185,6 +185,8 @@ def test_half_precision_weights_keep_sagkit_in_float32():
     with pytest.raises(TypeError, match="bfloat16"):
         model.eps(z.bfloat16(), 0.5, cond)
     reference = torch.rand(3, 16, 16, generator=seeded(2)) * 2 - 1
+    half_images = StyleLoss(vision, reference)(reference[None].bfloat16())
+    assert half_images.dtype == torch.float32  # the Gram matrices and norms in float32
     loss = guided.latent_loss(StyleLoss(vision, reference))
     value, g = sk.loss_grad(
         sk.ClassifierFreeGuidance(model, null, 5.0), loss, z,
