@@ -61,7 +61,8 @@ def preprocess(
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> torch.Tensor:
-    """CLIP's input from images in [-1, 1], differentiably: (B, 3, H, W) → (B, 3, crop, crop).
+    """CLIP's input from images in [-1, 1], differentiably: (B, 3, H, W) → (B, 3, crop, crop),
+    float32 (float64 for float64 images).
 
         u = (x + 1)/2 ∈ [0, 1];  shortest edge resized to ``size`` (bicubic, a = −0.5, with
         antialiasing: torch's ``interpolate(..., antialias=True)``, PIL's kernel);
@@ -78,7 +79,7 @@ def preprocess(
     h, w = resized_size(images.shape[2], images.shape[3], size)
     if min(h, w) < crop:
         raise ValueError(f"crop ({crop}) must not exceed size ({size})")
-    u = (images + 1) / 2
+    u = (images.to(working_dtype(images.dtype)) + 1) / 2  # half-precision images in float32
     u = F.interpolate(u, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
     top, left = (h - crop) // 2, (w - crop) // 2
     u = u[:, :, top : top + crop, left : left + crop]
