@@ -36,8 +36,14 @@ def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_unguided_run_is_the_diffusers_pipeline(pipe):
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])  # SD 1.x; SD 2.x at 768²
+def test_unguided_run_is_the_diffusers_pipeline(pipe, prediction):
     """guidance="none": the pipeline's own loop, from the same noise, to rounding."""
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
     guided = GuidedStableDiffusion.from_pipe(pipe)
     with RoundingChain() as chain:  # the roundings behind each run, counted
         want = pipe(
