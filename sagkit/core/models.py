@@ -21,7 +21,25 @@ from .checks import check_cond, check_finite, check_matches, check_scale, check_
 from .frames import per_sample, tweedie_x0
 from .schedules import VPSchedule
 
-__all__ = ["GaussianMixture", "DiffusersModel", "ClassifierFreeGuidance"]
+__all__ = [
+    "HALF_DTYPES",
+    "working_dtype",
+    "GaussianMixture",
+    "DiffusersModel",
+    "ClassifierFreeGuidance",
+]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""Weight dtypes :class:`DiffusersModel` runs in half precision around a float32 state."""
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sagkit computes in beside a network of ``dtype``: float32 for half precision,
+    else ``dtype`` itself (float32 or float64).
+
+    (docs/maths.md §11.6)
+    """
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def _time_column(t, x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +210,16 @@ class DiffusersModel(nn.Module):
             ``encoder_hidden_states``, (B, L, D)).
         schedule_or_scheduler: a :class:`VPSchedule` or a diffusers scheduler.
         prediction_type: "epsilon", "v_prediction" or "sample"; by default the scheduler's.
+
+    Half-precision weights (float16, bfloat16) run the network in half precision while sagkit
+    works in float32: x and ``cond`` are float32, cast to the weights' dtype at the network
+    call, and ε is cast back to float32. So the states of a solve, the adjoint and every
+    accumulated gradient stay float32; only the network's own forward and vector–Jacobian
+    products are in half precision. Those accumulations are sums over steps: in half precision
+    (unit roundoff 2⁻¹¹ for float16, 2⁻⁸ for bfloat16) their rounding grows with the step
+    count, and x − σ_t ε cancels digits at small t (docs/maths.md §11.6).
+    ``scheduler`` keeps the diffusers scheduler when one is given (presets build their sampler
+    from it).
     """
 
     def __init__(self, unet: nn.Module, schedule_or_scheduler, prediction_type: str | None = None):
@@ -199,7 +227,9 @@ class DiffusersModel(nn.Module):
         self.unet = unet
         if isinstance(schedule_or_scheduler, VPSchedule):
             self.schedule = schedule_or_scheduler
+            self.scheduler = None
         else:
+            self.scheduler = schedule_or_scheduler
             self.schedule = VPSchedule.from_diffusers(schedule_or_scheduler)
             prediction_type = prediction_type or schedule_or_scheduler.config.get("prediction_type")
         self.prediction_type = prediction_type or "epsilon"
@@ -220,7 +250,7 @@ class DiffusersModel(nn.Module):
             raise ValueError(
                 f"x must have shape (B, {channels}, H, W) for this UNet, got {tuple(x.shape)}"
             )
-        weight = next(self.unet.parameters(), None)
+        weight = self._working_reference()
         if weight is not None:
             check_matches(x, weight, "x")
         null = getattr(self, "null_cond", None)
@@ -238,21 +268,32 @@ class DiffusersModel(nn.Module):
                 check_matches(cond, weight, "cond")
         return cond
 
+    def _working_reference(self) -> torch.Tensor | None:
+        """A tensor in the dtype and device x must have: the weights', float32 for half ones."""
+        weight = next(self.unet.parameters(), None)
+        if weight is None:
+            return None
+        return weight.new_empty((), dtype=working_dtype(weight.dtype))
+
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        """ε(x, t) from the network's output, shape of x.
+        """ε(x, t) from the network's output, shape and dtype of x (the network runs in its
+        weights' dtype; see the class docstring).
 
         (docs/maths.md §1.3)
         """
         cond = self._check(x, cond)
         tt = _time_column(t, x)
         timestep = (tt * self.schedule.num_train_timesteps - 1).to(x.dtype)
+        net_dtype = self.unet.dtype
+        if cond is not None and cond.is_floating_point():
+            cond = cond.to(net_dtype)
         if self._conditional:
             if cond is None:
                 raise ValueError("this UNet2DConditionModel needs cond (encoder_hidden_states)")
-            out = self.unet(x, timestep, encoder_hidden_states=cond).sample
+            out = self.unet(x.to(net_dtype), timestep, encoder_hidden_states=cond).sample
         else:
-            out = self.unet(x, timestep, class_labels=cond).sample
-        out = out[:, : x.shape[1]]  # drop a learned-variance half, if any
+            out = self.unet(x.to(net_dtype), timestep, class_labels=cond).sample
+        out = out[:, : x.shape[1]].to(x.dtype)  # drop a learned-variance half, if any
         if self.prediction_type == "epsilon":
             return out
         alpha, sigma = (per_sample(f(tt), x) for f in (self.schedule.alpha, self.schedule.sigma))

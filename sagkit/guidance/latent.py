@@ -8,7 +8,8 @@
    its ``null_cond``, so :func:`sagkit.guided_sample` (with ``cond`` and ``cfg_scale``) and
    :class:`sagkit.ClassifierFreeGuidance` build ε̃ for every solve, estimate and gradient.
 
-See docs/latent_diffusion.md for the recipe on a real pipeline.
+:class:`sagkit.guidance.stable_diffusion.GuidedStableDiffusion` puts both together over a
+loaded diffusers pipeline (docs/latent_diffusion.md).
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ def decoded_loss(vae, image_loss: Callable, *, scaling_factor: float | None = No
     """A latent-space loss z ↦ image_loss(vae.decode(z / s).sample).
 
     Args:
-        vae: a diffusers ``AutoencoderKL`` (or anything with ``.decode(z).sample``).
+        vae: a diffusers ``AutoencoderKL``.
         image_loss: maps decoded images (B, 3, H, W), roughly in [-1, 1], to (B,) or a scalar.
         scaling_factor: s; by default ``vae.config.scaling_factor`` (0.18215 for SD 1.x).
+    The decoder runs in its weights' dtype (half precision included): z / s is cast to it and
+    the images back to z's dtype, so ``image_loss`` and the gradient see z's dtype.
+
+    (docs/maths.md §11.1)
     """
     s = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
-        return image_loss(vae.decode(z / s).sample)
+        return image_loss(vae.decode((z / s).to(vae.dtype)).sample.to(z.dtype))
 
     return loss
 

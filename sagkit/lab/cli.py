@@ -5,6 +5,9 @@
     sagkit bench [--model mixture|unet] [--dtype float32|float64] [--ns 8 16 64] [--solver ddim]
                  [--device auto|cpu|cuda] [--json]
     sagkit report [--fast] [--out DIR] [--sections NAME ...] [--device cpu|cuda]
+    sagkit sample PROMPT --style IMAGE [--guidance sag|freedom|dps|backward|none]
+                  [--preset NAME] [--n N] [--steps N] [--seed S] [--out DIR]
+                  [--sd PATH] [--clip PATH] [--tiny]
 
 A subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
 ``func``, a callable taking the parsed arguments and returning an exit status; list it in
@@ -92,7 +95,69 @@ def add_report(subparsers) -> None:
     p.set_defaults(func=_report)
 
 
-SUBCOMMANDS = [add_bench, add_report]
+def _sample(args) -> int:
+    from .sample import sample
+
+    paths = sample(
+        args.prompt,
+        style=args.style,
+        out=args.out,
+        guidance=args.guidance,
+        preset=args.preset,
+        n=args.n,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        scale=args.scale,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+        sd=args.sd,
+        clip=args.clip,
+        tiny=args.tiny,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def add_sample(subparsers) -> None:
+    from ..guidance.presets import PRESETS
+    from ..guidance.sampler import GUIDANCE
+    from .sample import CLIP_PATH_VARIABLE, SD_PATH_VARIABLE
+
+    p = subparsers.add_parser(
+        "sample",
+        help="guided Stable Diffusion towards a style image, from local weights",
+        description="Sample a Stable Diffusion pipeline with training-free guidance by CLIP's "
+        "style loss against a reference image (SAG's style task). The pipeline and the CLIP "
+        f"vision model are read from local folders (--sd/${SD_PATH_VARIABLE}, "
+        f"--clip/${CLIP_PATH_VARIABLE}), never downloaded.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--style", default=None, help="the style reference image file")
+    p.add_argument("--guidance", choices=list(GUIDANCE), default=None, help="default: sag")
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--n", type=positive_int, default=None, help="SAG's estimate steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 50)")
+    p.add_argument("--cfg-scale", type=float, default=7.5)
+    p.add_argument("--scale", type=float, default=None, help="guidance strength")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--sd", default=None, help=f"pipeline folder (default ${SD_PATH_VARIABLE})")
+    p.add_argument("--clip", default=None, help=f"CLIP folder (default ${CLIP_PATH_VARIABLE})")
+    p.add_argument("--tiny", action="store_true", help="tiny random components (a dry run)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_sample)
+
+
+SUBCOMMANDS = [add_bench, add_report, add_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:

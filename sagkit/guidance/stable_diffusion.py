@@ -1,0 +1,262 @@
+"""Guided text-to-image sampling over a loaded diffusers Stable Diffusion pipeline.
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float16).to("cuda")
+    guided = GuidedStableDiffusion.from_pipe(pipe)
+    images = guided("a lighthouse", loss_fn=StyleLoss(clip_vision, reference), preset="sag-paper")
+
+:class:`GuidedStableDiffusion` runs :func:`sagkit.guided_sample` on the pipeline's components
+(docs/maths.md §11.1):
+
+- the text is encoded by the pipeline's own ``encode_prompt``; the sampler is classifier-free
+  guidance ε_u + w (ε_c − ε_u) around the negative prompt's embeddings, in the base step and
+  in every step of the guidance estimate;
+- the base sampler is the pipeline's scheduler (or the one given, or the preset's), driven
+  through its own ``set_timesteps``/``step``, from the same initial noise as the pipeline
+  draws, so that ``guidance="none"`` is the pipeline's own denoising loop;
+- the loss sees decoded images: L(z) = ℓ(D(z / s)) (:func:`sagkit.guidance.latent.decoded_loss`),
+  so the VAE decoder runs inside the guidance gradient of the guided steps only, once on x_T
+  before the loop (where :func:`sagkit.guided_sample` checks the loss's output shape) and once
+  at the end for the output, which goes through the pipeline's safety checker and image
+  post-processing as diffusers' does (``return_losses`` adds one per step).
+
+Precision: with half-precision weights the UNet, the decoder and a CLIP loss run in half
+precision while the latents, the text embeddings used as conditions, the adjoint and the
+gradients stay float32 (:class:`sagkit.DiffusersModel`; docs/maths.md §11.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..core.models import working_dtype
+from .latent import TextConditionedModel, decoded_loss
+from .sampler import guided_sample
+
+__all__ = ["GuidedStableDiffusion", "OUTPUT_TYPES"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class GuidedStableDiffusion:
+    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) sampled with guidance.
+
+    Build it with :meth:`from_pipe`. The pipeline's components are used as loaded (dtype,
+    device); nothing is copied or downloaded.
+    """
+
+    def __init__(self, pipe):
+        for name in ("unet", "vae", "scheduler", "encode_prompt", "image_processor"):
+            if not hasattr(pipe, name):
+                raise TypeError(
+                    f"pipe must be a diffusers StableDiffusionPipeline; {type(pipe).__name__} "
+                    f"has no .{name}"
+                )
+        self.pipe = pipe
+
+    @classmethod
+    def from_pipe(cls, pipe) -> GuidedStableDiffusion:
+        """The guided sampler over a loaded ``StableDiffusionPipeline``."""
+        return cls(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the latents and of the gradients (float32 for half weights)."""
+        return working_dtype(self.pipe.unet.dtype)
+
+    def encode(
+        self,
+        prompt=None,
+        *,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' embeddings (B, L, D) and the negative prompt's (1, L, D), in
+        :attr:`dtype`, by the pipeline's ``encode_prompt``.
+
+        One negative prompt (or ``negative_prompt_embeds`` of batch 1) serves the whole batch:
+        it is the model's unconditional embedding.
+        """
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt (a string or a list of strings) or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(
+                "negative_prompt must be one string (it is the unconditional embedding of the "
+                f"whole batch), got {type(negative_prompt).__name__}"
+            )
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != 1:
+            raise ValueError(
+                "negative_prompt_embeds must have batch size 1 (one unconditional embedding), "
+                f"got shape {tuple(negative_prompt_embeds.shape)}"
+            )
+        if negative_prompt is not None and not isinstance(prompt, (str, type(None))):
+            negative_prompt = [negative_prompt] * len(prompt)  # diffusers wants prompt's type
+        cond, null = self.pipe.encode_prompt(
+            prompt,
+            self.device,
+            num_images_per_prompt,
+            True,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        return cond.to(self.dtype), null[:1].to(self.dtype)
+
+    def model(self, negative_embeds: torch.Tensor, scheduler=None) -> TextConditionedModel:
+        """The UNet as a sagkit model, the negative embeddings (1, L, D) its ``null_cond``."""
+        return TextConditionedModel(
+            self.pipe.unet, scheduler or self.pipe.scheduler, negative_embeds
+        )
+
+    def latent_loss(self, loss_fn: Callable) -> Callable:
+        """z ↦ loss_fn(D(z / s)) on the pipeline's VAE; ``loss_fn`` takes images in [-1, 1]."""
+        return decoded_loss(self.pipe.vae, loss_fn)
+
+    def initial_noise(self, batch: int, *, height: int, width: int, generator=None) -> torch.Tensor:
+        """x_T (B, C, h, w), h = height / f, w = width / f (f the VAE's downsampling), drawn as
+        the pipeline draws its latents (before its ``init_noise_sigma``)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        factor = self.pipe.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"height and width must be multiples of {factor}, got {height}×{width}"
+            )
+        shape = (batch, self.pipe.unet.config.in_channels, height // factor, width // factor)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+        *,
+        loss_fn: Callable | None = None,
+        guidance: str | None = None,
+        preset: str | None = None,
+        scheduler=None,
+        steps: int | None = None,
+        cfg_scale: float = 7.5,
+        n: int | None = None,
+        scale: float | None = None,
+        window=None,
+        repeats=None,
+        estimate_grid: str | None = None,
+        step_size: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_losses: bool = False,
+        progress: bool = True,
+    ):
+        """Guided text-to-image sampling.
+
+        Args:
+            prompt: a string or B strings (or ``prompt_embeds`` (B, L, D)).
+            negative_prompt: one string, the unconditional branch of CFG for the whole batch
+                (default ""; or ``negative_prompt_embeds`` (1, L, D)).
+            loss_fn: decoded images (B, 3, H, W) in [-1, 1] (the VAE's range) → (B,) values,
+                e.g. :class:`sagkit.guidance.clip.StyleLoss`; ``None`` with
+                ``guidance="none"`` (the default then).
+            guidance: "none", "freedom", "dps", "sag" (default with a ``loss_fn``) or
+                "backward" (:data:`sagkit.guidance.sampler.GUIDANCE`).
+            preset: "sag-paper", "freedom-paper" or "dps-paper" (built from the pipeline's
+                scheduler config); the arguments given override it.
+            scheduler: the base sampler, a diffusers scheduler of the pipeline's training
+                schedule; default the pipeline's (or the preset's).
+            steps: base sampler steps (default 50, or the preset's).
+            cfg_scale: w of classifier-free guidance (default 7.5, the pipeline's).
+            n, scale, window, repeats, estimate_grid, step_size: as in
+                :func:`sagkit.guided_sample`.
+            height, width: image size (default the UNet's sample size times the VAE's factor).
+            num_images_per_prompt: images per prompt; the batch is B = prompts × this.
+            generator: a ``torch.Generator`` (or one per image, as diffusers accepts) for the
+                initial noise; the first also drives time travel and stochastic schedulers.
+            latents: x_T (B, C, h, w) instead of drawing it.
+            output_type: "pil" (default), "np", "pt" (images in [0, 1]) or "latent".
+            return_losses: also return L along the run (see :func:`sagkit.guided_sample`),
+                (steps + 1, B).
+            progress: show the sampler's progress bar.
+        Returns:
+            diffusers' ``StableDiffusionPipelineOutput`` (``.images``,
+            ``.nsfw_content_detected``), with ``return_losses`` a pair (output, losses).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if guidance is None and preset is None:
+            guidance = "none" if loss_fn is None else "sag"
+        cond, null = self.encode(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        if latents is None:
+            factor = self.pipe.vae_scale_factor
+            size = self.pipe.unet.config.sample_size * factor
+            latents = self.initial_noise(
+                cond.shape[0], height=height or size, width=width or size, generator=generator
+            )
+        elif latents.shape[0] != cond.shape[0]:
+            raise ValueError(
+                f"latents must have batch size {cond.shape[0]} (prompts × num_images_per_prompt), "
+                f"got shape {tuple(latents.shape)}"
+            )
+        if scheduler is None and preset is None:
+            scheduler = self.pipe.scheduler
+        model = self.model(null)
+        result = guided_sample(
+            model,
+            None if loss_fn is None else self.latent_loss(loss_fn),
+            latents.to(self.device, self.dtype),
+            steps=steps,
+            guidance=guidance,
+            n=n,
+            scale=scale,
+            window=window,
+            repeats=repeats,
+            sampler=scheduler,
+            estimate_grid=estimate_grid,
+            step_size=step_size,
+            cfg_scale=cfg_scale,
+            preset=preset,
+            cond=cond,
+            generator=generator[0] if isinstance(generator, list) else generator,
+            progress=progress,
+            return_losses=return_losses,
+        )
+        z, losses = result if return_losses else (result, None)
+        output = self.decode(z, output_type=output_type, generator=generator)
+        return (output, losses) if return_losses else output
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, *, output_type: str = "pil", generator=None):
+        """The images of latents z (B, C, h, w) as diffusers' pipeline returns them: decoded,
+        through the safety checker (where the pipeline has one) and post-processed."""
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        if output_type == "latent":
+            return StableDiffusionPipelineOutput(images=z, nsfw_content_detected=None)
+        vae = self.pipe.vae
+        z = (z / vae.config.scaling_factor).to(vae.dtype)
+        image = vae.decode(z, return_dict=False, generator=generator)[0]
+        image, nsfw = self.pipe.run_safety_checker(image, self.device, vae.dtype)
+        keep = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        image = self.pipe.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=keep
+        )
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)

@@ -1,0 +1,123 @@
+"""A Stable Diffusion pipeline and a CLIP vision model with tiny configs and random weights.
+
+Built locally from configs (nothing is downloaded), small enough for a CPU in seconds: the
+offline tests of :mod:`sagkit.guidance.stable_diffusion` and :mod:`sagkit.guidance.clip`, the
+fast mode of notebook 06 and ``sagkit sample --tiny``. Their images are noise-like (random
+weights); they show the wiring, not the pictures.
+
+    pipe = tiny_pipeline()                  # StableDiffusionPipeline, 16×16 latents, 32×32 images
+    vision = tiny_clip_vision()             # CLIPVisionModelWithProjection, 32×32 input
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+__all__ = ["TEXT_WIDTH", "tiny_tokenizer", "tiny_pipeline", "tiny_clip_vision"]
+
+TEXT_WIDTH = 32
+"""The width D of the tiny text encoder's embeddings (and the UNet's cross-attention)."""
+
+
+def tiny_tokenizer(max_length: int = 16):
+    """A ``CLIPTokenizer`` whose vocabulary is the lowercase letters (a word is spelled out)."""
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    letters = list(string.ascii_lowercase)
+    tokens = specials + letters + [c + "</w>" for c in letters]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length
+    )
+
+
+def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
+    """A ``StableDiffusionPipeline`` of tiny random components and SD's DDIM scheduler config
+    (scaled-linear β from 0.00085 to 0.012, ᾱ_final = ᾱ_0, ``steps_offset=1``), no safety
+    checker. The VAE halves the side once: images are 2·``latent_size`` square."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=2 * latent_size,
+    )
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return pipe.to(dtype=dtype)
+
+
+def tiny_clip_vision(*, image_size: int = 32, seed: int = 0, dtype=torch.float32):
+    """A ``CLIPVisionModelWithProjection``: 8×8 patches, width 32, 4 layers, 16-d embeddings."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        projection_dim=16,
+    )
+    return CLIPVisionModelWithProjection(config).eval().requires_grad_(False).to(dtype)
