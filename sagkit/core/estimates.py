@@ -40,6 +40,10 @@ def estimate_x0(
     check_time(t, "t")
     if t_end is None:
         t_end = 0.0 if spacing == "time" else model.schedule.t_min
+    if not float(t) > t_end:
+        raise ValueError(
+            f"t must be larger than t_end = {t_end} (spacing={spacing!r} ends there), got t = {t}"
+        )
     ts = time_grid(model.schedule, float(t), t_end, n, spacing=spacing)
     return solve(model, x_t, ts, solver=solver, cond=cond)
 
