@@ -104,7 +104,8 @@ PRESETS.register(
         estimate_grid="sampler",
         cfg_scale=7.5,
         sources={
-            "sampler": "DPM-Solver++(2M) from the pipeline's scheduler config (style_transfer.py)",
+            "sampler": "DPM-Solver++(2M) from the pipeline's scheduler config (SAG's official "
+            "code, img_guided_sampling/style_transfer.py)",
             "steps, window, repeats": "is_grad = steps 30–69 of 100, repeats 2 there",
             "n": "4 grid points (the paper's n = 4) = 3 DDIM steps of the estimate",
             "estimate grid": "num_pred_steps points of the remaining timesteps, evenly in index",
@@ -124,7 +125,8 @@ PRESETS.register(
         repeats=((0.3, 0.6, 3),),
         cfg_scale=5.0,
         sources={
-            "sampler": "the DDPM posterior step (η = 1) between 100 DDIM timesteps (SD_style ddim.py)",
+            "sampler": "the DDPM posterior step (η = 1) between 100 DDIM timesteps (FreeDoM's "
+            "official code, SD_style/ldm/models/diffusion/ddim.py)",
             "steps, window": "guidance on steps 30–69 of 100 (index 69 … 30)",
             "repeats": "3 on steps 30–59, 1 on steps 60–69",
             "estimate": "Tweedie's one-step x̂0",
@@ -143,10 +145,22 @@ PRESETS.register(
         repeats=(),
         scale=0.25,
         sources={
-            "sampler": "ancestral DDPM, 1000 steps, x̂0 clipped to [−1, 1] (diffusion_config.yaml)",
+            "sampler": "ancestral DDPM, 1000 steps, x̂0 clipped to [−1, 1] (DPS's official code, "
+            "configs/diffusion_config.yaml)",
             "window, repeats": "every step guided, no time travel",
-            "step size": "x −= 0.5 ∇‖y − A(x̂0)‖ over the batch (inpainting_config.yaml): "
+            "step size": "x −= 0.5 ∇‖y − A(x̂0)‖ over the batch (configs/inpainting_config.yaml): "
             "ζ/sqrt(L) ∇L with L = ‖·‖² is 2ζ ∇‖·‖, so ζ = 0.25",
         },
     ),
 )
+
+
+def _describe(preset: Preset) -> str:
+    """The preset's choices and their sources, as lines of a docstring."""
+    lines = [f"``{preset.name}``:"]
+    lines += [f"    - {choice}: {source}" for choice, source in preset.sources.items()]
+    return "\n".join(lines)
+
+
+# Each preset's choices with their sources, in this module's docstring (help(), the docs).
+__doc__ += "\nThe presets:\n\n" + "\n\n".join(_describe(p) for p in PRESETS.values()) + "\n"
