@@ -96,8 +96,8 @@ class SchedulerBase:
     v = α ε − σ x̂0) before ``step``. Schedulers that work on x/α ("sigma" schedulers such as
     ``EulerDiscreteScheduler``: ``scale_model_input`` divides by sqrt(σ² + 1)) are converted
     to and from sagkit's variance-preserving x at every step with that factor, so guidance and
-    time travel see the same x as with any other sampler. Schedulers that evaluate the network several times
-    per timestep (Heun, KDPM2: repeated timesteps) are refused.
+    time travel see the same x as with any other sampler. Schedulers that evaluate the network
+    several times per timestep (Heun, KDPM2: repeated timesteps) are refused.
     """
 
     def __init__(self, scheduler, model, steps: int, *, device=None):
@@ -133,9 +133,9 @@ class SchedulerBase:
         """a_k of x = a_k · z between sagkit's x and the scheduler's sample z before step k:
         the factor of the scheduler's own ``scale_model_input`` (1 for variance-preserving
         schedulers, 1/sqrt(σ_k² + 1) = α for sigma schedulers), a 0-dim tensor (no sync)."""
-        if k == len(self.timesteps):  # the output: σ = 0
-            return torch.ones((), dtype=like.dtype, device=like.device)
         one = torch.ones((), dtype=like.dtype, device=like.device)
+        if k == len(self.timesteps):  # the output: σ = 0
+            return one
         return self.scheduler.scale_model_input(one, self.timesteps[k])
 
     def start(self, x_T: torch.Tensor) -> torch.Tensor:
