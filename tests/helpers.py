@@ -33,6 +33,8 @@ from sagkit.core.models import GaussianMixture
 from sagkit.core.schedules import time_grid
 
 __all__ = [
+    "exit_code",
+    "one_line_error",
     "tiny_unet",
     "F64_AGREE",
     "one_gaussian",
@@ -305,3 +307,22 @@ def exact_flow(model, x_t, t, s):
         return sch.alpha(u) ** 2 * model.std**2 + sch.sigma(u) ** 2
 
     return sch.alpha(s) * mu + math.sqrt(v(s) / v(t)) * (x_t - sch.alpha(t) * mu)
+
+
+# --- command lines ---------------------------------------------------------------------------
+
+
+def exit_code(main, argv) -> int:
+    """``main(argv)``'s return value, or the code of the ``SystemExit`` it raised."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def one_line_error(capsys) -> str:
+    """The one non-blank line a command wrote to stderr (no traceback), checked and returned."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]

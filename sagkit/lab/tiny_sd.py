@@ -15,7 +15,13 @@ import string
 
 import torch
 
-__all__ = ["TEXT_WIDTH", "tiny_tokenizer", "tiny_pipeline", "tiny_clip_vision"]
+__all__ = [
+    "TEXT_WIDTH",
+    "tiny_tokenizer",
+    "tiny_unet_and_vae",
+    "tiny_pipeline",
+    "tiny_clip_vision",
+]
 
 TEXT_WIDTH = 32
 """The width D of the tiny text encoder's embeddings (and the UNet's cross-attention)."""
@@ -33,17 +39,13 @@ def tiny_tokenizer(max_length: int = 16):
     )
 
 
-def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
-    """A ``StableDiffusionPipeline`` of tiny random components and SD's DDIM scheduler config
-    (scaled-linear β from 0.00085 to 0.012, ᾱ_final = ᾱ_0, ``steps_offset=1``), no safety
-    checker. The VAE halves the side once: images are 2·``latent_size`` square."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_unet_and_vae(
+    *, latent_size: int = 16, cross_attention_dim: int = TEXT_WIDTH, seed: int = 0
+):
+    """A tiny random ``UNet2DConditionModel`` (4 latent channels, widths 16 and 32, cross
+    attention to ``cross_attention_dim``) and ``AutoencoderKL`` (images 2·``latent_size``
+    square), built in that order after ``torch.manual_seed(seed)``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -54,7 +56,7 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=8,
         attention_head_dim=4,
     )
@@ -68,6 +70,17 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
         norm_num_groups=4,
         sample_size=2 * latent_size,
     )
+    return unet, vae
+
+
+def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
+    """A ``StableDiffusionPipeline`` of tiny random components and SD's DDIM scheduler config
+    (scaled-linear β from 0.00085 to 0.012, ᾱ_final = ᾱ_0, ``steps_offset=1``), no safety
+    checker. The VAE halves the side once: images are 2·``latent_size`` square."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet, vae = tiny_unet_and_vae(latent_size=latent_size, seed=seed)
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

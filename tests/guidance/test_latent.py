@@ -6,35 +6,14 @@ from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
 from sagkit.guidance.latent import TextConditionedModel, decoded_loss
+from sagkit.lab.tiny_sd import tiny_unet_and_vae
 
 
 @pytest.fixture(scope="module")
 def latent_setup():
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    unet, vae = tiny_unet_and_vae(latent_size=8, cross_attention_dim=12, seed=0)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False
     )

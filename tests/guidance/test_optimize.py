@@ -71,14 +71,19 @@ class _TinyDigits(sk.DiffusersModel):
         return self.table[torch.as_tensor(labels)]
 
 
-def test_morph_runs_and_lowers_the_identity_loss(scheduler):
+def _morph_setup(scheduler, n):
+    """A tiny model and 3-class classifier, six 8×8 images of classes 0, 1, 2 and an n-step grid."""
     model = _TinyDigits(scheduler)
     torch.manual_seed(0)
     clf = sk.DigitsClassifier(channels=(4, 8, 8), features=8, classes=3, size=8).double().eval()
     clf.requires_grad_(False)
     images = _randn((6, 1, 8, 8), 1).clamp(-1, 1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    ts = sk.time_grid(model.schedule, 1.0, model.schedule.t_min, 4)
+    return model, clf, images, labels, sk.time_grid(model.schedule, 1.0, model.schedule.t_min, n)
+
+
+def test_morph_runs_and_lowers_the_identity_loss(scheduler):
+    model, clf, images, labels, ts = _morph_setup(scheduler, 4)
     out = sk.evaluate_morphs(
         model,
         clf,
@@ -107,13 +112,7 @@ def test_morph_runs_and_lowers_the_identity_loss(scheduler):
 def test_evaluate_morphs_counts_only_realistic_morphs_as_successes(scheduler):
     """A realism check that rejects every image leaves no success, and the summary says how
     many morphs it rejected; one that accepts all leaves the success rates as they were."""
-    model = _TinyDigits(scheduler)
-    torch.manual_seed(0)
-    clf = sk.DigitsClassifier(channels=(4, 8, 8), features=8, classes=3, size=8).double().eval()
-    clf.requires_grad_(False)
-    images = _randn((6, 1, 8, 8), 1).clamp(-1, 1)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    ts = sk.time_grid(model.schedule, 1.0, model.schedule.t_min, 3)
+    model, clf, images, labels, ts = _morph_setup(scheduler, 3)
     options = dict(n_pairs=3, ts=ts, steps=2, lr=0.1, inversion_iters=1, progress=False)
 
     def none_real(x):

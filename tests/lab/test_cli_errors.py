@@ -3,25 +3,12 @@ unless --debug; ``sagkit report`` keeps every finished section when another one 
 
 import pytest
 import torch
+from helpers import exit_code as run
+from helpers import one_line_error
 
 from sagkit.digits.train import main as train_main
 from sagkit.lab.cli import main
 from sagkit.lab.report import ReportError, write_report
-
-
-def run(fn, argv):
-    try:
-        return fn(argv)
-    except SystemExit as exit_:
-        return exit_.code
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ random pipeline, from the command line and from a saved pipeline folder."""
 
 import numpy as np
 import pytest
+from helpers import exit_code, one_line_error
 from PIL import Image
 
 from sagkit.lab.cli import main
@@ -10,17 +11,7 @@ from sagkit.lab.sample import CLIP_PATH_VARIABLE, SD_PATH_VARIABLE
 
 
 def run(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
+    return exit_code(main, argv)
 
 
 @pytest.fixture
