@@ -11,8 +11,10 @@ classifier's target-class loss of the n-step DDIM estimate x̂0 = Φ_n(x_t) (t =
    ``--rounds`` rounds, after an untimed one, of the ratio within a round, and the
    ratio of the best times; the engines take turns in each round; no hooks while timing), the
    network calls, and the saved bytes of ``profile_gradient`` (one extra, hooked, run);
-2. ``guided_sample`` (FreeDoM, SAG n = 3) with and without the reuse of the base step's ε
-   (``sagkit.guidance.sampler.REUSE_EPS``), in turns: time per image and network calls.
+2. ``guided_sample`` (FreeDoM, SAG n = 3) with each guidance engine: "symplectic" without and
+   with the reuse of the base step's ε (``reuse_eps``), and the default, "budgeted" (1 GiB of
+   step graphs, backprop's path on this UNet), in turns: time per image against symplectic with
+   reuse (the default of 0.2), and network calls.
 
 Prints both tables and writes them as JSON (``--json``, default ``results/budget.json``,
 git-ignored).
@@ -30,34 +32,33 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
-from sagkit.gradients.engines import make_budgeted
-from sagkit.guidance import losses, sampler
+from sagkit.guidance import losses
 from sagkit.lab.profiling import CountingModel, profile_gradient
 
 
-def _engines(n: int) -> list[str]:
-    """The engines timed at n; registers budgeted ones keeping the last m steps' graphs."""
-    names = ["backprop", "checkpoint", "symplectic"]
+def _engines(n: int) -> dict:
+    """The engines timed at n by name: budgeted ones keep the last m steps' graphs."""
+    engines = {name: name for name in ("backprop", "checkpoint", "symplectic")}
     for m in sorted({0, 1, math.ceil(n / 2), n}):
-        name = f"budgeted[m={m}]"
-        if name not in sk.METHODS:
-            sk.register_method(make_budgeted(keep_steps=m, name=name))
-        names.append(name)
-    return names
+        engines[f"budgeted[m={m}]"] = sk.make_budgeted(keep_steps=m, name=f"budgeted[m={m}]")
+    return engines
 
 
 def gradient_rows(model, loss_fn, x, cond, *, ns, rounds: int, t: float = 0.6) -> list[dict]:
     rows = []
     for n in ns:
         ts = sk.time_grid(model.schedule, t, 0.0, n)
-        names = _engines(n)
+        engines = _engines(n)
+        names = list(engines)
         times = {name: [] for name in names}
         for name in names:  # warm-up, untimed
-            profile_gradient(model, loss_fn, x, ts, method=name, cond=cond, track_saved=False)
+            profile_gradient(
+                model, loss_fn, x, ts, method=engines[name], cond=cond, track_saved=False
+            )
         for _ in range(rounds):  # interleaved: a busy machine slows every engine alike
             for name in names:
                 report = profile_gradient(
-                    model, loss_fn, x, ts, method=name, cond=cond, track_saved=False
+                    model, loss_fn, x, ts, method=engines[name], cond=cond, track_saved=False
                 )
                 times[name].append(report.wall_time_s)
         # the ratio to backprop within each round, then the median over rounds
@@ -66,7 +67,7 @@ def gradient_rows(model, loss_fn, x, cond, *, ns, rounds: int, t: float = 0.6) -
             for name in names
         }
         for name in names:
-            report = profile_gradient(model, loss_fn, x, ts, method=name, cond=cond)
+            report = profile_gradient(model, loss_fn, x, ts, method=engines[name], cond=cond)
             rows.append(
                 {
                     "n": n,
@@ -83,13 +84,16 @@ def gradient_rows(model, loss_fn, x, cond, *, ns, rounds: int, t: float = 0.6) -
     return rows
 
 
+GUIDED_VARIANTS = (("symplectic", False), ("symplectic", True), ("budgeted", True))
+"""(gradient engine, reuse_eps) of the guided runs; the second was the default of 0.2."""
+
+
 def guided_rows(model, loss_fn, x_T, *, steps: int, rounds: int) -> list[dict]:
     cases = [("freedom", 1), ("sag", 3)]
-    best, calls = {}, {}
+    times, calls = {}, {}
     for r in range(rounds + 1):  # round 0 warms up, untimed
         for guidance, n in cases:
-            for reuse in (False, True):
-                sampler.REUSE_EPS = reuse
+            for gradient, reuse in GUIDED_VARIANTS:
                 counting = CountingModel(model)
                 start = time.perf_counter()
                 sk.guided_sample(
@@ -99,25 +103,30 @@ def guided_rows(model, loss_fn, x_T, *, steps: int, rounds: int) -> list[dict]:
                     steps=steps,
                     guidance=guidance,
                     n=n,
+                    gradient=gradient,
+                    reuse_eps=reuse,
                     generator=torch.Generator().manual_seed(0),
                     progress=False,
                 )
-                wall = time.perf_counter() - start
-                key = (guidance, n, reuse)
-                best[key] = min(best.get(key, math.inf), wall if r else math.inf)
+                key = (guidance, n, gradient, reuse)
+                if r:
+                    times.setdefault(key, []).append(time.perf_counter() - start)
                 calls[key] = counting.calls
-    sampler.REUSE_EPS = True
     rows = []
     for guidance, n in cases:
-        for reuse in (False, True):
-            key = (guidance, n, reuse)
+        old = (guidance, n, "symplectic", True)
+        for gradient, reuse in GUIDED_VARIANTS:
+            key = (guidance, n, gradient, reuse)
+            per_round = [a / b for a, b in zip(times[key], times[old], strict=True)]
             rows.append(
                 {
                     "guidance": guidance,
                     "n": n,
+                    "gradient": gradient,
                     "reuse": reuse,
-                    "time_per_image_s": best[key] / x_T.shape[0],
-                    "vs_no_reuse": best[key] / best[(guidance, n, False)],
+                    "time_per_image_s": min(times[key]) / x_T.shape[0],
+                    "vs_symplectic_reuse": statistics.median(per_round),
+                    "ratio_range": [min(per_round), max(per_round)],
                     "model_calls": calls[key],
                 }
             )
@@ -161,12 +170,19 @@ def main(argv=None) -> None:
             f"{r['best_vs_best_backprop']:>9.2f} "
             f"{r['saved_bytes'] / 2**20:>9.2f} {r['model_calls']:>6}"
         )
-    print(f"\nguided sampling, {args.steps} steps, window (0.3, 0.7), 2 repeats")
-    print(f"{'guidance':<9} {'n':>2} {'reuse':>6} {'s/image':>8} {'vs off':>7} {'calls':>6}")
+    print(
+        f"\nguided sampling, {args.steps} steps, window (0.3, 0.7), 2 repeats, batch {args.batch}"
+    )
+    print(
+        f"{'guidance':<9} {'n':>2} {'gradient':<11} {'reuse':>6} {'s/image':>8} "
+        f"{'vs sympl.+reuse':>15} {'range':>11} {'calls':>6}"
+    )
     for r in guided:
+        lo, hi = r["ratio_range"]
         print(
-            f"{r['guidance']:<9} {r['n']:>2} {r['reuse']!s:>6} {r['time_per_image_s']:>8.3f} "
-            f"{r['vs_no_reuse']:>7.2f} {r['model_calls']:>6}"
+            f"{r['guidance']:<9} {r['n']:>2} {r['gradient']:<11} {r['reuse']!s:>6} "
+            f"{r['time_per_image_s']:>8.3f} {r['vs_symplectic_reuse']:>15.2f} "
+            f"{lo:>5.2f}-{hi:<5.2f} {r['model_calls']:>6}"
         )
     print(f"\ntotal {total:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,8 @@ def worker(args) -> dict:
 
     import sagkit as sk
     from sagkit.core.device import resolve_device
-    from sagkit.guidance.latent import TextConditionedModel
     from sagkit.lab.profiling import profile
+    from sagkit.sd.latent import TextConditionedModel
 
     device = resolve_device()
     unet = build_unet(args.channels, latent=args.latent).to(device).requires_grad_(False)

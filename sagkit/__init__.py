@@ -1,7 +1,7 @@
 """sagkit: accurate gradients through diffusion samplers.
 
     import sagkit as sk
-    model = sk.GaussianMixture.digits()                  # exact ε, exact ground truth
+    model = sk.digits_mixture()                  # exact ε, exact ground truth
     ts = sk.time_grid(model.schedule, 1.0, 0.0, 20)
     x0 = sk.solve(model, x_T, ts, solver="heun")
     loss, grad = sk.loss_grad(model, loss_fn, x_T, ts, method="symplectic")
@@ -9,8 +9,10 @@
 The layers, bottom up (each imports only the ones above it in this list):
 
 - :mod:`sagkit.core`: schedules, models, solvers, frames, estimates, the SDE sampler, inversion;
-- :mod:`sagkit.gradients`: the gradient engines and their referees;
-- :mod:`sagkit.guidance`: guided sampling, guidance losses, latent optimisation;
+- :mod:`sagkit.gradients`: the gradient engines, their referees, latent optimisation;
+- :mod:`sagkit.guidance`: guided sampling (one :class:`GuidanceConfig`, methods as objects),
+  guidance losses;
+- :mod:`sagkit.sd`: Stable Diffusion and its CLIP losses;
 - :mod:`sagkit.digits`: the shipped digits models, their data, training and evaluation;
 - :mod:`sagkit.lab`: the studies behind the notebooks and the report, and the CLI.
 
@@ -24,7 +26,7 @@ from .core.schedules import VPSchedule, time_grid
 from .core.sde import encode, recover_noise, sde_sample
 from .core.solvers import SOLVERS, Tableau, register_solver, solve
 from .digits.classifier import DigitsClassifier
-from .digits.data import digits_dataset
+from .digits.data import digits_dataset, digits_mixture
 from .digits.models import DigitsModel, load_classifier, load_pretrained, sample_digits
 from .gradients import (
     METHODS,
@@ -32,12 +34,15 @@ from .gradients import (
     adjointdeis_grad,
     finite_difference,
     loss_grad,
+    make_budgeted,
     register_method,
 )
+from .gradients.optimize import evaluate_morphs, morph, optimize_latent
 from .guidance import losses
-from .guidance.optimize import evaluate_morphs, morph, optimize_latent
+from .guidance.config import GuidanceConfig
+from .guidance.methods import GUIDANCE, GuidanceMethod
 from .guidance.presets import PRESETS
-from .guidance.sampler import GUIDANCE, guided_sample
+from .guidance.sampler import guided_sample
 from .lab.convergence import convergence_study
 from .lab.evaluation import evaluate_guidance
 from .lab.misalignment import misalignment
@@ -65,12 +70,15 @@ __all__ = [
     "METHODS",
     "GradientMethod",
     "register_method",
+    "make_budgeted",
     "loss_grad",
     "finite_difference",
     "adjointdeis_grad",
     # guidance
     "losses",
     "GUIDANCE",
+    "GuidanceMethod",
+    "GuidanceConfig",
     "PRESETS",
     "guided_sample",
     "optimize_latent",
@@ -82,6 +90,7 @@ __all__ = [
     "load_pretrained",
     "load_classifier",
     "digits_dataset",
+    "digits_mixture",
     "sample_digits",
     # studies and measurement
     "misalignment",

@@ -34,7 +34,7 @@ def mixture():
 
 @pytest.fixture
 def digits_mixture():
-    return sk.GaussianMixture.digits(n_components=64)
+    return sk.digits_mixture(n_components=64)
 
 
 @pytest.fixture

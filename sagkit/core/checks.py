@@ -29,11 +29,9 @@ float16 and bfloat16 are refused: the gradient engines lose all accuracy in half
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 
@@ -53,9 +51,6 @@ __all__ = [
     "check_name",
     "check_inputs",
     "check_gradients",
-    "positive_int",
-    "run_command",
-    "one_line_errors",
     "PROGRESS_STEPS",
     "show_progress",
     "require",
@@ -276,55 +271,3 @@ def check_gradients(grads, names, *, method: str) -> None:
                         "float64, more steps or another method"
                     ),
                 )
-
-
-# --- command lines --------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer ≥ 1 (so that ``--steps -1`` is a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
-
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make ``parser`` and its subparsers report usage errors in one line (exit 2)."""
-    parser.__class__ = _OneLineParser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                one_line_errors(sub)
-    return parser
-
-
-def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False) -> int:
-    """Run a command line's work: its exit status, 0 on success; an error is one line on
-    stderr, exit 2 for a bad argument value (``ValueError``, ``TypeError``) and 1 for any
-    other failure. ``debug`` lets the exception through, with its traceback."""
-    if debug:
-        return int(fn() or 0)
-    try:
-        return int(fn() or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError) as error:
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 - the command line reports every failure
-        print(f"{prog}: failed: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
-        return 1
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

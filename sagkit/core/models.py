@@ -2,7 +2,10 @@
 
 A model is any object with ``.schedule`` (a :class:`~sagkit.VPSchedule`) and
 ``.eps(x, t, cond=None)``: x of shape (B, ...), t a float or a (B,) tensor in [0, 1], and
-an optional conditioning tensor. It returns ε(x, t) of x's shape. Two implementations:
+an optional conditioning tensor. It returns ε(x, t) of x's shape. A conditional model may
+also have ``.null_cond``, its unconditional conditioning (1, ...): the negative branch of
+classifier-free guidance, and what guided sampling conditions on when no ``cond`` is given
+(:func:`null_cond_of` reads it). Two implementations:
 
 - :class:`GaussianMixture`: the exact ε of a diffused Gaussian mixture (ground truth);
 - :class:`DiffusersModel`: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
@@ -27,6 +30,7 @@ __all__ = [
     "GaussianMixture",
     "DiffusersModel",
     "ClassifierFreeGuidance",
+    "null_cond_of",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,6 +44,12 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     (docs/maths.md §11.6)
     """
     return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def null_cond_of(model) -> torch.Tensor | None:
+    """The model's unconditional conditioning ``model.null_cond`` (1, ...), or ``None`` for a
+    model without one (the optional part of the model protocol)."""
+    return getattr(model, "null_cond", None)
 
 
 def _time_column(t, x: torch.Tensor) -> torch.Tensor:
@@ -100,46 +110,11 @@ class GaussianMixture(nn.Module):
         self.register_buffer("log_weights", torch.log(weights / weights.sum()).to(means.dtype))
         self.std = float(std)
         self.schedule = schedule
-        self.labels = None  # class of each component, where known (see digits())
+        self.labels = None  # class of each component, where known (see sk.digits_mixture)
 
     @property
     def event_shape(self) -> torch.Size:
         return self.means.shape[1:]
-
-    @classmethod
-    def digits(
-        cls,
-        *,
-        n_components: int | None = 512,
-        std: float = 0.1,
-        size: int = 8,
-        schedule: VPSchedule | None = None,
-        seed: int = 0,
-        dtype=torch.float64,
-    ) -> GaussianMixture:
-        """A mixture centred on scikit-learn's digits images, scaled to [-1, 1].
-
-        Args:
-            n_components: how many images (chosen at random with ``seed``) become means;
-                ``None`` takes all 1797.
-            std: component standard deviation, in the [-1, 1] pixel scale.
-            size: 8 (native) or a larger side length (bilinear upsampling).
-            schedule: defaults to :meth:`VPSchedule.linear`.
-        Shape of a sample: (1, size, size). ``labels`` holds each component's digit.
-        """
-        from ..digits.data import digit_images  # the data lives with the shipped models
-
-        images, labels = digit_images(size)
-        if n_components is not None:
-            if not 1 <= n_components <= len(images):
-                raise ValueError(f"n_components must be in [1, {len(images)}], got {n_components}")
-            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[
-                :n_components
-            ]
-            images, labels = images[idx], labels[idx]
-        model = cls(images.to(dtype), std, schedule or VPSchedule.linear())
-        model.labels = labels
-        return model
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[1:] != self.event_shape:
@@ -253,7 +228,7 @@ class DiffusersModel(nn.Module):
         weight = self._working_reference()
         if weight is not None:
             check_matches(x, weight, "x")
-        null = getattr(self, "null_cond", None)
+        null = null_cond_of(self)
         if cond is None and null is not None:
             return null.expand(x.shape[0], *null.shape[1:])
         integer_labels = getattr(self.unet.config, "num_class_embeds", None) is not None
@@ -323,11 +298,19 @@ class ClassifierFreeGuidance(nn.Module):
         self.null_cond = check_cond(null_cond, "null_cond")
         self.scale = check_scale(scale, "scale")
 
-    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+    def eps_and_difference(self, x: torch.Tensor, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̃, Δ): the guided ε̃ = ε_u + w Δ and the difference Δ = ε_c − ε_u, from one
+        network call on the batch [x; x] with conditions [cond; null] (the one place that
+        order is defined), each of x's shape."""
         if cond is None:
             raise ValueError("ClassifierFreeGuidance needs cond")
         null = self.null_cond.to(cond).expand_as(cond)
         tt = _time_column(t, x)
         e = self.model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null]))
         e_cond, e_uncond = e.chunk(2)
-        return e_uncond + self.scale * (e_cond - e_uncond)
+        difference = e_cond - e_uncond
+        return e_uncond + self.scale * difference, difference
+
+    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """ε̃ = ε_u + w (ε_c − ε_u) (:meth:`eps_and_difference`)."""
+        return self.eps_and_difference(x, t, cond)[0]

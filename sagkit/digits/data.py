@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HELDOUT", "digit_images", "digits_dataset"]
+from ..core.models import GaussianMixture
+from ..core.schedules import VPSchedule
+
+__all__ = ["HELDOUT", "digit_images", "digits_dataset", "digits_mixture"]
 
 HELDOUT = 360  # held-out images (20 %), stratified by digit
 
@@ -48,3 +51,33 @@ def digits_dataset(split: str = "train", *, size: int = 16, dtype=torch.float32)
         idx = torch.as_tensor(sorted(train if split == "train" else test))
         images, labels = images[idx], labels[idx]
     return images.to(dtype), labels
+
+
+def digits_mixture(
+    *,
+    n_components: int | None = 512,
+    std: float = 0.1,
+    size: int = 8,
+    schedule: VPSchedule | None = None,
+    seed: int = 0,
+    dtype=torch.float64,
+) -> GaussianMixture:
+    """A :class:`~sagkit.GaussianMixture` centred on scikit-learn's digits images in [-1, 1].
+
+    Args:
+        n_components: how many images (chosen at random with ``seed``) become means;
+            ``None`` takes all 1797.
+        std: component standard deviation, in the [-1, 1] pixel scale.
+        size: 8 (native) or a larger side length (bilinear upsampling).
+        schedule: defaults to :meth:`VPSchedule.linear`.
+    Shape of a sample: (1, size, size). ``labels`` holds each component's digit.
+    """
+    images, labels = digit_images(size)
+    if n_components is not None:
+        if not 1 <= n_components <= len(images):
+            raise ValueError(f"n_components must be in [1, {len(images)}], got {n_components}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        images, labels = images[order[:n_components]], labels[order[:n_components]]
+    model = GaussianMixture(images.to(dtype), std, schedule or VPSchedule.linear())
+    model.labels = labels
+    return model

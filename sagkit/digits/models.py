@@ -4,7 +4,7 @@
     clf = sk.load_classifier("digits")              # a DigitsClassifier, frozen
     x = sample_digits(model, [3, 7], scale=2.0)     # (2, 1, 16, 16) in about [-1, 1]
 
-Both were trained by ``python -m sagkit.digits.train digits`` on ``digits_dataset("train")``,
+Both were trained by ``sagkit train digits`` on ``digits_dataset("train")``,
 scikit-learn's 8×8 digits upsampled to 16×16. The UNet is conditioned through a continuous
 embedding vector (``class_embed_type="identity"``), so gradients with respect to the
 conditioning exist; a learned table holds one vector per digit plus a null class for

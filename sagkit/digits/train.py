@@ -1,4 +1,4 @@
-"""Train the shipped digits models: ``python -m sagkit.digits.train digits [--steps N] [--out DIR] [--seed S]``.
+"""Train the shipped digits models: ``sagkit train digits [--steps N] [--out DIR] [--seed S]``.
 
 Targets: ``digits`` (both), ``digits-unet`` or ``digits-classifier``. The results go to
 ``DIR/digits-unet`` and ``DIR/digits-classifier``. ``--out`` is required, so that training never
@@ -12,24 +12,21 @@ with the digit label replaced by the null class with probability ``p_uncond``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.checks import check_count, one_line_errors, positive_int, run_command
+from ..core.checks import check_count
 from ..core.models import DiffusersModel
 from .classifier import DigitsClassifier
 from .data import digits_dataset
-from .evaluation import evaluate_digits
-from .models import DATA_DIR, DigitsModel, load_classifier, load_pretrained
+from .models import DATA_DIR, DigitsModel
 
-__all__ = ["UNET_CONFIG", "augment", "train_unet", "train_classifier", "main"]
+__all__ = ["UNET_CONFIG", "augment", "train_unet", "train_classifier"]
 
 UNET_CONFIG = {
     "sample_size": 16,
@@ -205,60 +202,3 @@ def train_classifier(
         accuracy = float((classifier(test_x).argmax(-1) == test_y).double().mean())
     classifier.save_pretrained(Path(out) / "digits-classifier")
     return classifier, accuracy
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sagkit.digits.train", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("target", choices=["digits", "digits-unet", "digits-classifier"])
-    parser.add_argument(
-        "--steps", type=positive_int, default=None, help="optimiser steps of each model"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="then sample and evaluate (needs both models in --out)",
-    )
-    parser.add_argument(
-        "--overwrite-shipped",
-        action="store_true",
-        help="allow --out to be the shipped weights' folder",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = one_line_errors(parser).parse_args(argv)
-    return run_command(parser.prog, lambda: _train(args), debug=args.debug)
-
-
-def _train(args) -> None:
-    steps = {} if args.steps is None else {"steps": args.steps}
-    steps["overwrite_shipped"] = args.overwrite_shipped
-    print(f"torch threads: {torch.get_num_threads()}")
-    if args.target in ("digits", "digits-classifier"):
-        start = time.perf_counter()
-        _, accuracy = train_classifier(args.out, seed=args.seed, **steps)
-        print(f"classifier: {time.perf_counter() - start:.0f} s, held-out accuracy {accuracy:.4f}")
-    if args.target in ("digits", "digits-unet"):
-        start = time.perf_counter()
-        train_unet(args.out, seed=args.seed, **steps)
-        print(f"unet: {time.perf_counter() - start:.0f} s")
-    if args.evaluate:
-        model = load_pretrained("digits", path=args.out / "digits-unet")
-        classifier = load_classifier("digits", path=args.out / "digits-classifier")
-        results = evaluate_digits(model, classifier, seed=args.seed)
-        heldout = results.pop("heldout")
-        print(
-            f"held-out data: classifier accuracy {heldout['accuracy']:.4f}, "
-            f"feature FD floor (training vs held-out) {heldout['fd']:.3f}"
-        )
-        for key, value in results.items():
-            print(
-                f"samples {key}: classifier accuracy {value['accuracy']:.4f}, "
-                f"feature FD to held-out {value['fd']:.3f}"
-            )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,8 @@
 - :mod:`.engines`: backprop, checkpoint, the symplectic adjoint, the vanilla adjoint;
 - :mod:`.adjointdeis`: AdjointDEIS-1 and -2M for the diffusion ODE and SDE;
 - :mod:`.reference`: the referees, finite differences and the continuous gradient;
-- :mod:`.memory`: the public hook through which engines report what they keep.
+- :mod:`.memory`: the public hook through which engines report what they keep;
+- :mod:`.optimize`: latent optimisation and morphing through the engines.
 
 The built-in engines are registered here, once; :func:`register_method` adds more.
 """
@@ -14,6 +15,7 @@ The built-in engines are registered here, once; :func:`register_method` adds mor
 from . import adjointdeis, engines
 from .adjointdeis import adjointdeis_grad
 from .api import METHODS, GradientMethod, evaluate_loss, loss_grad, register_method
+from .engines import make_budgeted
 from .reference import exact_gradient, finite_difference, reference_gradient
 
 for _method in (*engines.BUILTIN, *adjointdeis.BUILTIN):
@@ -24,6 +26,7 @@ __all__ = [
     "METHODS",
     "GradientMethod",
     "register_method",
+    "make_budgeted",
     "loss_grad",
     "evaluate_loss",
     "adjointdeis_grad",

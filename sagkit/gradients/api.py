@@ -25,7 +25,9 @@ __all__ = [
     "GradientMethod",
     "METHODS",
     "register_method",
+    "resolve_engine",
     "loss_grad",
+    "run_engine",
     "evaluate_loss",
     "trainable_parameters",
     "normalise_wrt",
@@ -100,13 +102,25 @@ def register_method(method: GradientMethod, *, replace: bool = False) -> Gradien
     return METHODS.register(method.name, method, replace=replace)
 
 
+def resolve_engine(method) -> GradientMethod:
+    """The engine ``method`` names (a key of :data:`METHODS`), or ``method`` itself when it is a
+    :class:`GradientMethod` (an engine configured by its caller, e.g. a memory budget)."""
+    if isinstance(method, GradientMethod):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a name in sagkit.METHODS or a GradientMethod, got {type(method).__name__}"
+        )
+    return METHODS[method]
+
+
 def loss_grad(
     model,
     loss_fn: Callable,
     x: torch.Tensor,
     ts,
     *,
-    method: str = "symplectic",
+    method: str | GradientMethod = "symplectic",
     solver: str = "ddim",
     cond: torch.Tensor | None = None,
     wrt: str | Sequence[str] = "x",
@@ -118,7 +132,8 @@ def loss_grad(
         loss_fn: maps the solve's output (B, ...) to a scalar, or to (B,) values that are summed.
         x: (B, ...) the state at ``ts[0]``.
         ts: strictly decreasing grid (see :func:`sagkit.time_grid`).
-        method: a name in :data:`METHODS`.
+        method: a name in :data:`METHODS`, or a :class:`GradientMethod` (e.g.
+            ``make_budgeted(budget_bytes=2**28)``).
         solver: a name in :data:`sagkit.SOLVERS` that ``method`` supports.
         cond: conditioning passed to the model; needed for ``wrt="cond"``.
         wrt: "x", "cond", "params", or a tuple of them.
@@ -131,12 +146,12 @@ def loss_grad(
     check_inputs(model, x, cond=cond)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    engine = METHODS[method]
+    engine = resolve_engine(method)
     names, single = normalise_wrt(wrt)
     unsupported = [w for w in names if w not in engine.wrt]
     if unsupported:
         raise ValueError(
-            f"method {method!r} supports wrt in {engine.wrt}, not {tuple(unsupported)}"
+            f"method {engine.name!r} supports wrt in {engine.wrt}, not {tuple(unsupported)}"
         )
     if "cond" in names and cond is None:
         raise ValueError('wrt="cond" needs a cond tensor')
@@ -144,9 +159,20 @@ def loss_grad(
     reason = engine.refusal(solver, ts)
     if reason is not None:
         raise ValueError(reason)
+    loss, grads = run_engine(engine, model, loss_fn, x, ts, solver=solver, cond=cond, names=names)
+    check_gradients(grads, names, method=engine.name)
+    return loss, (grads[0] if single else tuple(grads))
+
+
+def run_engine(
+    engine: GradientMethod, model, loss_fn, x, ts, *, solver="ddim", cond=None, names=("x",)
+):
+    """:func:`loss_grad` without its checks, for callers that checked their inputs once (the
+    guided sampler calls it at every guided step): ``engine`` a :class:`GradientMethod`, ``ts``
+    a float64 grid, ``names`` a tuple from :data:`WRT`. Returns ``(loss, grads)``, the loss
+    detached and ``grads`` a tuple in the order of ``names``."""
     loss, grads = engine.fn(model, loss_fn, x, ts, solver=solver, cond=cond, names=names)
-    check_gradients(grads, names, method=method)
-    return loss.detach(), (grads[0] if single else tuple(grads))
+    return loss.detach(), grads
 
 
 def trainable_parameters(model) -> list[torch.Tensor]:

@@ -5,9 +5,9 @@
   recomputes one step at a time in backward.
 - "symplectic": the symplectic adjoint (Matsubara, Miyatake & Yaguchi 2021), as used by SAG
   (Pan et al. 2023). Exact up to rounding; keeps the n + 1 states, one step's graph at a time.
-- "budgeted": backprop through the last steps while a memory budget (:data:`BUDGET_BYTES`)
-  holds their graphs, the symplectic adjoint for the others. Exact; :func:`make_budgeted`
-  makes engines with other budgets.
+- "budgeted": backprop through the last steps while a memory budget (1 GiB of step graphs,
+  :data:`DEFAULT_BUDGET_BYTES`) holds their graphs, the symplectic adjoint for the others.
+  Exact; :func:`make_budgeted` makes engines with other budgets.
 - "adjoint": the vanilla continuous adjoint of ``torchdiffeq.odeint_adjoint``. Approximate.
 
 Each engine is a :class:`~sagkit.gradients.api.GradientMethod` in :data:`BUILTIN`; the
@@ -16,15 +16,18 @@ package registers them (docs/maths.md §5 has the formulas, §9 what each keeps 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ..core.checks import check_count
 from ..core.frames import rho_of_t
 from ..core.solvers import SOLVERS, ProbabilityFlow, rk_stages, rk_step, solve
 from .api import WRT, GradientMethod, evaluate_loss, flat_targets, grad_of, make_leaves, unflatten
 from .memory import checkpoint_contexts, hold, measure_saved
 
-__all__ = ["BUILTIN", "TORCHDIFFEQ_METHODS", "BUDGET_BYTES", "make_budgeted"]
+__all__ = ["BUILTIN", "TORCHDIFFEQ_METHODS", "DEFAULT_BUDGET_BYTES", "make_budgeted"]
 
 
 def _backprop(model, loss_fn, x, ts, *, solver, cond, names):
@@ -201,9 +204,11 @@ def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
     return loss.detach(), unflatten(grads, targets, names)
 
 
-BUDGET_BYTES = 1 << 30
-"""The memory budget (bytes of step graphs) of the registered "budgeted" engine, read at each
-call; :func:`make_budgeted` makes engines with budgets of their own."""
+DEFAULT_BUDGET_BYTES = 1 << 30
+"""The memory budget of the registered "budgeted" engine: 1 GiB of step graphs. Stable
+Diffusion's UNet at 64×64 latents saves 1.6 GiB per step, so there it keeps no graph and runs
+the symplectic adjoint; the digits UNet saves well under 1 MiB, so there it is backprop.
+:func:`make_budgeted` makes engines with budgets of their own."""
 
 
 def _kept_steps(n: int, step_bytes: int, budget: float) -> int:
@@ -216,7 +221,7 @@ def _kept_steps(n: int, step_bytes: int, budget: float) -> int:
     return max(0, int(budget // step_bytes))
 
 
-def _budgeted(model, loss_fn, x, ts, *, solver, cond, names, keep_steps=None, budget_bytes=None):
+def _budgeted(model, loss_fn, x, ts, *, solver, cond, names, keep_steps, budget_bytes):
     """Exact gradient that keeps step graphs while a memory budget allows, recomputes the rest.
 
     The last m of the n steps run under autograd and keep their graphs (backprop through them);
@@ -238,20 +243,18 @@ def _budgeted(model, loss_fn, x, ts, *, solver, cond, names, keep_steps=None, bu
     """
     tableau, x, targets, zs, f, steps = _adjoint_setup(model, x, ts, solver, cond, names)
     n = len(steps)
-    budget = BUDGET_BYTES if keep_steps is None and budget_bytes is None else budget_bytes
-
     y = f.to_y(x.detach(), ts[0])
     states, k, graph = [hold(y)], 0, None  # graph: (leaf, output) of the kept steps so far
     if keep_steps is not None:
         m = min(int(keep_steps), n)
-    elif budget <= 0:
+    elif budget_bytes <= 0:
         m = 0
     else:  # measure one step's graph on step 0
         exclude = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
         leaf = y.requires_grad_()
         with torch.enable_grad(), measure_saved(exclude) as saved:
             out = rk_step(f, leaf, steps[0][1], steps[0][2], tableau, steps[0][0])
-        m, k = _kept_steps(n, saved.nbytes, budget), 1
+        m, k = _kept_steps(n, saved.nbytes, budget_bytes), 1
         if m == n:
             graph = (leaf, out)
         else:
@@ -288,26 +291,33 @@ def _symplectic_tableau(tableau) -> bool:
 def make_budgeted(
     *, budget_bytes: float | None = None, keep_steps: int | None = None, name: str = "budgeted"
 ) -> GradientMethod:
-    """A "budgeted" engine (:func:`_budgeted`) with its own budget, to register under ``name``.
+    """A "budgeted" engine (:func:`_budgeted`) with its own budget: an engine object to pass as
+    ``method=`` (or ``gradient=`` to guided sampling), or to register under ``name``.
 
     Give at most one of ``budget_bytes`` (bytes of step graphs to keep; ``math.inf`` keeps
-    them all) and ``keep_steps`` (how many of the last steps keep their graphs); with neither,
-    the engine reads :data:`BUDGET_BYTES` at each call. ``loss_grad`` has one signature for all
-    engines, so a budget is a property of the engine:
+    them all; default :data:`DEFAULT_BUDGET_BYTES`) and ``keep_steps`` (how many of the last
+    steps keep their graphs). ``loss_grad`` has one signature for all engines, so a budget is
+    a property of the engine:
 
-        sk.register_method(make_budgeted(keep_steps=1, name="keep1"))
-        sk.loss_grad(model, loss_fn, x, ts, method="keep1")
+        sk.loss_grad(model, loss_fn, x, ts, method=make_budgeted(keep_steps=1))
 
     (docs/maths.md §5.7)
     """
     if budget_bytes is not None and keep_steps is not None:
         raise ValueError("give budget_bytes or keep_steps, not both")
-    if keep_steps is not None and (
-        isinstance(keep_steps, bool) or not isinstance(keep_steps, int) or keep_steps < 0
-    ):
-        raise ValueError(f"keep_steps must be an integer >= 0, got {keep_steps!r}")
-    if budget_bytes is not None and not budget_bytes >= 0:
-        raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes!r}")
+    if keep_steps is not None:
+        keep_steps = check_count(keep_steps, "keep_steps", low=0)
+        what = f"the last {keep_steps} steps'"
+    else:
+        if budget_bytes is None:
+            budget_bytes = DEFAULT_BUDGET_BYTES
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real):
+            raise TypeError(
+                f"budget_bytes must be a number of bytes >= 0 (math.inf for no limit), got {budget_bytes!r}"
+            )
+        if not budget_bytes >= 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes!r}")
+        what = f"{budget_bytes:g} bytes of"
 
     def fn(model, loss_fn, x, ts, *, solver, cond, names):
         return _budgeted(
@@ -322,12 +332,6 @@ def make_budgeted(
             budget_bytes=budget_bytes,
         )
 
-    if keep_steps is not None:
-        what = f"the last {keep_steps} steps"
-    elif budget_bytes is not None:
-        what = f"{budget_bytes:g} bytes of"
-    else:
-        what = "BUDGET_BYTES of"
     return GradientMethod(
         name,
         fn,

@@ -1,6 +1,14 @@
-"""Training-free guidance on top of the gradient engines: the guided sampler and its step rules
-(:mod:`.sampler`) over a base sampler, sagkit's DDIM or any diffusers scheduler (:mod:`.base`),
-the papers' presets (:mod:`.presets`), guidance losses (:mod:`.losses`), latent optimisation and
-morphing (:mod:`.optimize`), the latent-diffusion pieces (:mod:`.latent`), guided Stable
-Diffusion over a diffusers pipeline (:mod:`.stable_diffusion`) and the CLIP losses of its tasks
-(:mod:`.clip`)."""
+"""Training-free guidance on top of the gradient engines.
+
+- :mod:`.config`: :class:`~.config.GuidanceConfig`, every choice of a guided run;
+- :mod:`.methods`: the methods as objects (FreeDoM, DPS, SAG, backward guidance), their
+  estimates and step rules, and the registry :data:`~.methods.GUIDANCE`;
+- :mod:`.travel`: the guidance window and time travel;
+- :mod:`.sampler`: :func:`~.sampler.guided_sample`, the checked front, over the unchecked loop;
+- :mod:`.base`: the base samplers, sagkit's DDIM or any diffusers scheduler;
+- :mod:`.presets`: the official codes' choices;
+- :mod:`.losses`: guidance losses on images.
+
+Stable Diffusion and its CLIP losses are in :mod:`sagkit.sd`; latent optimisation through the
+engines in :mod:`sagkit.gradients.optimize`.
+"""

@@ -25,6 +25,7 @@ the step actually taken, once (docs/maths.md §8.7).
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 
 import torch
@@ -187,9 +188,17 @@ def _copied(state: dict) -> dict:
 
 
 def make_base(sampler, model, steps: int, *, device=None):
-    """The base sampler for ``sampler``: "ddim" (sagkit's) or a diffusers scheduler."""
-    if isinstance(sampler, str):
-        if sampler != "ddim":
-            raise ValueError(f"sampler must be 'ddim' or a diffusers scheduler, got {sampler!r}")
+    """The base sampler for ``sampler``: "ddim" (sagkit's), a diffusers scheduler, or a
+    diffusers scheduler class name, built from the model's scheduler config (``model.scheduler``,
+    as :mod:`sagkit.guidance.presets` builds its samplers)."""
+    if isinstance(sampler, str) and sampler == "ddim":
         return DDIMBase(model.schedule, steps)
+    if isinstance(sampler, str):
+        config = getattr(getattr(model, "scheduler", None), "config", None)
+        if config is None:
+            raise ValueError(
+                f"sampler {sampler!r} is built from the model's diffusers scheduler config: the "
+                "model needs a .scheduler (e.g. sk.load_pretrained('digits')); or pass a scheduler"
+            )
+        sampler = getattr(importlib.import_module("diffusers"), sampler).from_config(config)
     return SchedulerBase(sampler, model, steps, device=device)

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_count
 from ..core.device import resolve_device
-from ..core.models import DiffusersModel, GaussianMixture
+from ..core.models import DiffusersModel
 from ..core.schedules import time_grid
+from ..digits.data import digits_mixture
 from ..gradients import METHODS, finite_difference, loss_grad
 from .profiling import profile_gradient
 
@@ -46,7 +47,7 @@ def build_model(name: str = "unet", *, seed: int = 0):
       with a 1000-step DDIM schedule; random weights are enough to measure gradients.
     """
     if name == "mixture":
-        return GaussianMixture.digits(n_components=64), (1, 8, 8)
+        return digits_mixture(n_components=64), (1, 8, 8)
     if name == "unet":
         from diffusers import DDIMScheduler, UNet2DModel
 

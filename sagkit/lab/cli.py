@@ -5,9 +5,10 @@
     sagkit bench [--model mixture|unet] [--dtype float32|float64] [--ns 8 16 64] [--solver ddim]
                  [--device auto|cpu|cuda] [--json]
     sagkit report [--fast] [--out DIR] [--sections NAME ...] [--device cpu|cuda]
-    sagkit sample PROMPT --style IMAGE [--guidance sag|freedom|dps|backward|none]
-                  [--preset NAME] [--n N] [--steps N] [--seed S] [--out DIR]
-                  [--sd PATH] [--clip PATH] [--tiny]
+    sagkit sample PROMPT --style IMAGE [--preset NAME] [--seed S] [--out DIR]
+                  [--sd PATH] [--clip PATH] [--tiny] [every GuidanceConfig field: --guidance,
+                  --n, --steps, --window LO HI, --repeats, --sampler, --gradient, ...]
+    sagkit train digits|digits-unet|digits-classifier --out DIR [--steps N] [--evaluate]
 
 A subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
 ``func``, a callable taking the parsed arguments and returning an exit status; list it in
@@ -17,12 +18,76 @@ A subcommand is a function ``add_<name>(subparsers)`` that adds its parser and s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from ..core.checks import one_line_errors, positive_int, run_command
+import torch
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+__all__ = [
+    "main",
+    "build_parser",
+    "SUBCOMMANDS",
+    "positive_int",
+    "one_line_errors",
+    "run_command",
+    "add_guidance_options",
+    "guidance_options",
+]
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer ≥ 1 (so that ``--steps -1`` is a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` and its subparsers report usage errors in one line (exit 2)."""
+    parser.__class__ = _OneLineParser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_line_errors(sub)
+    return parser
+
+
+def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False) -> int:
+    """Run a command line's work: its exit status, 0 on success; an error is one line on
+    stderr, exit 2 for a bad argument value (``ValueError``, ``TypeError``) and 1 for any
+    other failure. ``debug`` lets the exception through, with its traceback."""
+    if debug:
+        return int(fn() or 0)
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as error:
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the command line reports every failure
+        print(f"{prog}: failed: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _bench(args) -> int:
@@ -95,6 +160,44 @@ def add_report(subparsers) -> None:
     p.set_defaults(func=_report)
 
 
+def add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of :class:`~sagkit.guidance.config.GuidanceConfig`, read as its
+    field metadata says (``--estimate-grid`` for ``estimate_grid``; ``--no-reuse-eps`` for a
+    field that defaults to true). Every default is ``None``: a field not given keeps the
+    preset's or the default's value."""
+    from ..guidance.config import GuidanceConfig
+
+    group = parser.add_argument_group("guidance", "the fields of sagkit.GuidanceConfig")
+    types = {"count": positive_int, float: float, str: str}
+    for f in dataclasses.fields(GuidanceConfig):
+        cli, flag = f.metadata["cli"], "--" + f.name.replace("_", "-")
+        if cli.get("type") is bool:
+            group.add_argument(
+                f"--no-{f.name.replace('_', '-')}",
+                dest=f.name,
+                action="store_const",
+                const=False,
+                default=None,
+                help=f"do not {f.metadata['help']}",
+            )
+            continue
+        kwargs = {"help": f"{f.metadata['help']} (default {f.default})", "default": None}
+        if "type" in cli:
+            kwargs["type"] = types[cli["type"]]
+        if "choices" in cli:
+            kwargs["choices"] = list(cli["choices"])
+        if "nargs" in cli:
+            kwargs["nargs"] = cli["nargs"]
+        group.add_argument(flag, **kwargs)
+
+
+def guidance_options(args) -> dict:
+    """The guidance fields given on the command line (:func:`add_guidance_options`)."""
+    from ..guidance.config import OPTIONS
+
+    return {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
+
+
 def _sample(args) -> int:
     from .sample import sample
 
@@ -102,12 +205,7 @@ def _sample(args) -> int:
         args.prompt,
         style=args.style,
         out=args.out,
-        guidance=args.guidance,
         preset=args.preset,
-        n=args.n,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        scale=args.scale,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         seed=args.seed,
@@ -117,6 +215,7 @@ def _sample(args) -> int:
         dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,
+        **guidance_options(args),
     )
     for path in paths:
         print(f"wrote {path}")
@@ -125,7 +224,6 @@ def _sample(args) -> int:
 
 def add_sample(subparsers) -> None:
     from ..guidance.presets import PRESETS
-    from ..guidance.sampler import GUIDANCE
     from .sample import CLIP_PATH_VARIABLE, SD_PATH_VARIABLE
 
     p = subparsers.add_parser(
@@ -134,16 +232,12 @@ def add_sample(subparsers) -> None:
         description="Sample a Stable Diffusion pipeline with training-free guidance by CLIP's "
         "style loss against a reference image (SAG's style task). The pipeline and the CLIP "
         f"vision model are read from local folders (--sd/${SD_PATH_VARIABLE}, "
-        f"--clip/${CLIP_PATH_VARIABLE}), never downloaded.",
+        f"--clip/${CLIP_PATH_VARIABLE}), never downloaded. Every guidance option defaults to "
+        "the preset's value, else sagkit's (with the pipeline's scheduler and w = 7.5).",
     )
     p.add_argument("prompt")
     p.add_argument("--style", default=None, help="the style reference image file")
-    p.add_argument("--guidance", choices=list(GUIDANCE), default=None, help="default: sag")
     p.add_argument("--preset", choices=list(PRESETS), default=None)
-    p.add_argument("--n", type=positive_int, default=None, help="SAG's estimate steps")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 50)")
-    p.add_argument("--cfg-scale", type=float, default=7.5)
-    p.add_argument("--scale", type=float, default=None, help="guidance strength")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -154,10 +248,68 @@ def add_sample(subparsers) -> None:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_guidance_options(p)
     p.set_defaults(func=_sample)
 
 
-SUBCOMMANDS = [add_bench, add_report, add_sample]
+def _train(args) -> int:
+    from ..digits.evaluation import evaluate_digits
+    from ..digits.models import load_classifier, load_pretrained
+    from ..digits.train import train_classifier, train_unet
+
+    steps = {} if args.steps is None else {"steps": args.steps}
+    steps["overwrite_shipped"] = args.overwrite_shipped
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.target in ("digits", "digits-classifier"):
+        start = time.perf_counter()
+        _, accuracy = train_classifier(args.out, seed=args.seed, **steps)
+        print(f"classifier: {time.perf_counter() - start:.0f} s, held-out accuracy {accuracy:.4f}")
+    if args.target in ("digits", "digits-unet"):
+        start = time.perf_counter()
+        train_unet(args.out, seed=args.seed, **steps)
+        print(f"unet: {time.perf_counter() - start:.0f} s")
+    if args.evaluate:
+        model = load_pretrained("digits", path=args.out / "digits-unet")
+        classifier = load_classifier("digits", path=args.out / "digits-classifier")
+        results = evaluate_digits(model, classifier, seed=args.seed)
+        heldout = results.pop("heldout")
+        print(
+            f"held-out data: classifier accuracy {heldout['accuracy']:.4f}, "
+            f"feature FD floor (training vs held-out) {heldout['fd']:.3f}"
+        )
+        for key, value in results.items():
+            print(
+                f"samples {key}: classifier accuracy {value['accuracy']:.4f}, "
+                f"feature FD to held-out {value['fd']:.3f}"
+            )
+    return 0
+
+
+def add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the shipped digits models",
+        description="Train the digits UNet and classifier (sagkit.digits.train), seeded; "
+        "OMP_NUM_THREADS chooses the CPU threads.",
+    )
+    p.add_argument("target", choices=["digits", "digits-unet", "digits-classifier"])
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps of each model")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="then sample and evaluate (needs both models in --out)",
+    )
+    p.add_argument(
+        "--overwrite-shipped",
+        action="store_true",
+        help="allow --out to be the shipped weights' folder",
+    )
+    p.set_defaults(func=_train)
+
+
+SUBCOMMANDS = [add_bench, add_report, add_sample, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,7 @@ complete.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -71,8 +72,10 @@ from ..core.checks import check_count, check_name, check_scale
 from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
+from ..guidance.config import DEFAULTS, GuidanceConfig
+from ..guidance.methods import GUIDANCE
 from ..guidance.presets import PRESETS
-from ..guidance.sampler import DEFAULT_WINDOW, GUIDANCE, guided_sample
+from ..guidance.sampler import guided_sample
 from .distributed import gather, rank_and_world, shard
 
 __all__ = [
@@ -82,8 +85,13 @@ __all__ = [
     "guidance_table",
     "initial_noise",
     "method_label",
+    "EVALUATION_DEFAULTS",
 ]
 _log = logging.getLogger(__name__)
+
+EVALUATION_DEFAULTS = {**DEFAULTS, "repeats": 2}
+"""The configuration every method of a sweep shares unless told otherwise: sagkit's defaults
+with 2 repeats for every method, DPS included, so that rows differ in the method only."""
 
 
 @dataclass(frozen=True)
@@ -146,15 +154,13 @@ def evaluate_guidance(
     ns: Sequence[int] = (1, 2, 4, 8),
     presets: Sequence[str] = (),
     num_samples: int = 64,
-    steps: int = 50,
     seed: int = 0,
-    window=DEFAULT_WINDOW,
-    repeats: int = 2,
-    scale: float | None = None,
+    config: GuidanceConfig | None = None,
     dps_scale: float | None = None,
     batch_size: int = 64,
     out_dir: str | Path | None = None,
     progress: bool = False,
+    **options,
 ) -> list[dict]:
     """One row per (task, method, n); see the module docstring for the columns.
 
@@ -162,13 +168,17 @@ def evaluate_guidance(
         model, classifier: the diffusion model and the classifier (same dtype and device).
         tasks: defaults to :func:`default_tasks` (classifier).
         methods: guidance names; "sag" runs once per n in ``ns``.
-        presets: names in :data:`sagkit.guidance.presets.PRESETS`, one row each, at ``steps``
-            steps (their window and repeats keep their fractions). They run with
-            ``step_size="per-sample"``: the official codes sample one image at a time, where
-            their per-batch ρ is the per-sample one, and a shard batches many.
+        presets: names in :data:`sagkit.guidance.presets.PRESETS`, one row each, at the
+            configuration's ``steps`` (their window and repeats keep their fractions) and
+            engine. They run with ``step_size="per-sample"``: the official codes sample one
+            image at a time, where their per-batch ρ is the per-sample one, and a shard
+            batches many.
         num_samples: samples per row; the noise of sample i is the same in every row.
-        steps, window, repeats, scale: passed to :func:`sagkit.guided_sample` for every method
-            (DPS included: equal time travel; ``dps_scale`` is its ζ).
+        config: the configuration every method shares (its ``guidance`` and ``n`` are set per
+            row, and DPS takes ``dps_scale`` as its ζ); by default :data:`EVALUATION_DEFAULTS`
+            with the ``options`` given (fields of
+            :class:`~sagkit.guidance.config.GuidanceConfig`, e.g. ``steps``, ``window``,
+            ``repeats``, ``scale``).
         batch_size: samples per sampler call, and so per shard (the unit of work that ranks
             share and ``out_dir`` keeps).
         out_dir: a folder for one JSON file per (task, method, shard), written as each shard
@@ -190,12 +200,17 @@ def evaluate_guidance(
         raise ValueError('ns must hold at least one n for "sag"')
     for n in ns:
         check_count(n, "ns entries")
-    for value, name in ((num_samples, "num_samples"), (steps, "steps"), (batch_size, "batch_size")):
+    for value, name in ((num_samples, "num_samples"), (batch_size, "batch_size")):
         check_count(value, name)
-    check_count(repeats, "repeats")
-    for value, name in ((scale, "scale"), (dps_scale, "dps_scale")):
-        if value is not None:
-            check_scale(value, name)
+    if dps_scale is not None:
+        check_scale(dps_scale, "dps_scale")
+    chosen = sorted({"guidance", "n"} & {k for k, v in options.items() if v is not None})
+    if chosen:
+        raise ValueError(f"{', '.join(chosen)}: methods and ns choose them, one row each")
+    if config is None:
+        shared = GuidanceConfig.resolve(defaults=EVALUATION_DEFAULTS, **options)
+    else:
+        shared = config.replace(**options)
     tasks = default_tasks(classifier) if tasks is None else tasks
     p = next(model.parameters())
     size = model.unet.config.sample_size
@@ -203,24 +218,23 @@ def evaluate_guidance(
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    # The guided_sample options of each computation. "sag" with n = 1 is "freedom" exactly
-    # (tested): one computation per key serves both rows.
+    # The configuration of each computation. "sag" with n = 1 is "freedom" exactly (tested):
+    # one computation per key serves both rows.
     plan = {}
     for guidance, n in _methods(methods, ns):
-        rule = GUIDANCE[guidance].step_rule
+        scale = dps_scale if GUIDANCE[guidance].rule == "dps" else shared.scale
         plan.setdefault(
-            _key(guidance, n),
-            {
-                "guidance": guidance,
-                "n": n or 1,
-                "steps": steps,
-                "window": [float(w) for w in window],
-                "repeats": repeats,
-                "scale": None if rule is None else dps_scale if rule == "dps" else scale,
-            },
+            _key(guidance, n), dataclasses.replace(shared, guidance=guidance, n=n or 1, scale=scale)
         )
     for name in presets:
-        plan[(name, PRESETS[name].n)] = {"preset": name, "steps": steps, "step_size": "per-sample"}
+        plan[(name, PRESETS[name].n)] = GuidanceConfig.resolve(
+            preset=name,
+            model=model,
+            steps=shared.steps,
+            step_size="per-sample",
+            gradient=shared.gradient,
+            reuse_eps=shared.reuse_eps,
+        )
     bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
     units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
 
@@ -231,7 +245,7 @@ def evaluate_guidance(
             "n": key[1],
             "samples": [lo, hi],
             "seed": seed,
-            "options": plan[key],
+            "options": plan[key].describe(),
             "dtype": str(p.dtype),
             "device": p.device.type,
         }
@@ -252,8 +266,9 @@ def evaluate_guidance(
             result = _read_shard(path, settings)
             _log.info("rank %d loaded %s", rank, path.name)
         else:
-            options = plan[key] | {"progress": progress and rank == 0}
-            result = _run_shard(model, tasks[t].loss, seed, lo, hi, size, options)
+            result = _run_shard(
+                model, tasks[t].loss, seed, lo, hi, size, plan[key], progress=progress and rank == 0
+            )
             if path is not None:
                 _write_shard(path, settings, result)
             _log.info("rank %d computed %s", rank, path.name if path else settings)
@@ -312,16 +327,17 @@ def _derived_seed(*parts) -> int:
 
 def _key(guidance: str, n: int | None) -> tuple:
     """The computation a method's row needs: (step rule, estimate steps)."""
-    return (GUIDANCE[guidance].step_rule, n if GUIDANCE[guidance].n_step else 1)
+    method = GUIDANCE[guidance]
+    return (method.rule, method.estimate_steps(n or 1))
 
 
-def _run_shard(model, loss, seed, lo, hi, size, options) -> dict:
+def _run_shard(model, loss, seed, lo, hi, size, config, *, progress) -> dict:
     """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time."""
     p = next(model.parameters())
     x_T = torch.cat([initial_noise(seed, i, (1, size, size)) for i in range(lo, hi)]).to(p)
     generator = torch.Generator().manual_seed(_derived_seed(seed, "time travel", lo, hi))
     start = time.perf_counter()
-    x = guided_sample(model, loss, x_T, generator=generator, **options)
+    x = guided_sample(model, loss, x_T, config=config, generator=generator, progress=progress)
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start

@@ -13,7 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..guidance import losses
-from ..guidance.sampler import DEFAULT_WINDOW, guidance_window, guided_sample
+from ..guidance.config import DEFAULTS
+from ..guidance.sampler import guided_sample
+from ..guidance.travel import guidance_window
 from .evaluation import method_label
 from .plotting import image_grid
 
@@ -108,7 +110,7 @@ def guided_grid(
     target: int = 3,
     n: int = 2,
     scale: float = 2.0,
-    window=DEFAULT_WINDOW,
+    window=DEFAULTS["window"],
     num: int = 4,
     steps: int = 20,
     seed: int = 0,

@@ -277,13 +277,11 @@ def profile_gradient(
     x: torch.Tensor,
     ts,
     *,
-    method: str = "symplectic",
-    solver: str = "ddim",
-    cond: torch.Tensor | None = None,
-    wrt="x",
     track_saved: bool = True,
+    **options,
 ) -> ProfileReport:
-    """Profile ``sk.loss_grad(model, loss_fn, x, ts, method=..., solver=..., cond=..., wrt=...)``.
+    """Profile ``sk.loss_grad(model, loss_fn, x, ts, **options)`` (``method``, ``solver``,
+    ``cond``, ``wrt``: as :func:`sagkit.loss_grad` takes them).
 
     The model's parameters and buffers are excluded from the saved bytes, and its ``eps`` calls
     are counted (``model_calls``). ``result`` holds ``(loss, grad)``.
@@ -298,13 +296,10 @@ def profile_gradient(
         loss_fn,
         x,
         ts,
-        method=method,
-        solver=solver,
-        cond=cond,
-        wrt=wrt,
         device=x.device,
         exclude=exclude,
         track_saved=track_saved,
+        **options,
     )
     report.model_calls = counting.calls
     return report

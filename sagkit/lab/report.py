@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from ..core.device import resolve_device  # noqa: E402
 from ..core.models import GaussianMixture  # noqa: E402
 from ..core.schedules import VPSchedule  # noqa: E402
+from ..digits.data import digits_mixture  # noqa: E402
 from . import plotting  # noqa: E402
 from .bench import bench_table, gradient_accuracy, run_benchmark  # noqa: E402
 from .convergence import convergence_study, convergence_table, plot_convergence  # noqa: E402
@@ -59,7 +60,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def misalignment_section(out_dir: Path, fast: bool, device: torch.device) -> str:
     """One-step vs n-step estimates on the exact digits mixture (notebook 01)."""
-    model = GaussianMixture.digits(n_components=256 if fast else 512).to(device)
+    model = digits_mixture(n_components=256 if fast else 512).to(device)
     n_samples, steps = (64, 50) if fast else (256, 100)
     gen = torch.Generator(device=device).manual_seed(0)
     x_T = torch.randn(n_samples, 1, 8, 8, dtype=torch.float64, device=device, generator=gen)
@@ -101,7 +102,7 @@ def _loglog(series: dict, xlabel: str, ylabel: str, title: str, floor: float = 1
 def gradients_section(out_dir: Path, fast: bool, device: torch.device) -> str:
     """Gradient error of every method against n (exact mixture, float64), and the UNet
     benchmark: error, time relative to backprop, bytes saved for backward (notebooks 02–03)."""
-    mixture = GaussianMixture.digits(n_components=64).to(device)
+    mixture = digits_mixture(n_components=64).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64, device=device, generator=gen)
     target = torch.randn(2, 1, 8, 8, dtype=torch.float64, device=device, generator=gen)

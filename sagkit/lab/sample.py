@@ -2,8 +2,8 @@
 
 The pipeline and the CLIP vision model are read from local folders (``--sd`` / ``--clip``,
 or the environment variables ``SAGKIT_SD_PATH`` / ``SAGKIT_CLIP_PATH``), never downloaded;
-``--tiny`` uses the random tiny components of :mod:`sagkit.lab.tiny_sd` instead, to try the
-command offline. The loss is :class:`sagkit.guidance.clip.StyleLoss` against ``--style``.
+``--tiny`` uses the random tiny components of :mod:`sagkit.sd.tiny` instead, to try the
+command offline. The loss is :class:`sagkit.sd.clip.StyleLoss` against ``--style``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def read_image(path: str | Path, *, option: str = "--style") -> torch.Tensor:
 def _components(*, sd: str | None, clip: str | None, tiny: bool, dtype, device):
     """(pipeline, CLIP vision model): the tiny random ones or loaded from local folders."""
     if tiny:
-        from .tiny_sd import tiny_clip_vision, tiny_pipeline
+        from ..sd.tiny import tiny_clip_vision, tiny_pipeline
 
         return tiny_pipeline(dtype=dtype).to(device), tiny_clip_vision(dtype=dtype).to(device)
     sd_path = local_folder(sd, SD_PATH_VARIABLE, "--sd", "a diffusers StableDiffusionPipeline")
@@ -69,12 +69,7 @@ def sample(
     *,
     style: str | None,
     out: str | Path,
-    guidance: str | None = None,
     preset: str | None = None,
-    n: int | None = None,
-    steps: int | None = None,
-    cfg_scale: float = 7.5,
-    scale: float | None = None,
     negative_prompt: str | None = None,
     num_images: int = 1,
     seed: int = 0,
@@ -84,19 +79,23 @@ def sample(
     dtype: str | None = None,
     device=None,
     progress: bool = True,
+    **options,
 ) -> list[Path]:
     """Sample ``num_images`` images of ``prompt`` guided towards the style of the image file
     ``style`` (no file for ``guidance="none"``); write them as PNG to ``out``; return the paths.
 
-    ``guidance`` defaults to "sag", or to the preset's method with a ``preset``.
+    ``options`` are fields of :class:`~sagkit.guidance.config.GuidanceConfig`, over the
+    ``preset`` and the pipeline's defaults (:meth:`sagkit.sd.GuidedStableDiffusion.defaults`:
+    SAG with a style image).
 
     ``dtype``: "float16" (default on CUDA), "bfloat16" or "float32" (default on the CPU), the
     weights' dtype; sagkit's latents and gradients stay float32.
     """
-    from ..guidance.clip import StyleLoss
-    from ..guidance.stable_diffusion import GuidedStableDiffusion
+    from ..sd.clip import StyleLoss
+    from ..sd.pipeline import GuidedStableDiffusion
 
     device = resolve_device(device)
+    guidance = options.get("guidance")
     if guidance is None and preset is None:
         guidance = "sag"
     if guidance != "none" and style is None:
@@ -108,22 +107,20 @@ def sample(
     pipe, vision = _components(
         sd=sd, clip=clip, tiny=tiny, dtype=getattr(torch, dtype), device=device
     )
-    loss = None if reference is None else StyleLoss(vision, reference.to(device))
+    loss = (
+        None if reference is None or guidance == "none" else StyleLoss(vision, reference.to(device))
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = GuidedStableDiffusion.from_pipe(pipe)(
         prompt,
         negative_prompt,
-        loss_fn=None if guidance == "none" else loss,
-        guidance=guidance,
+        loss_fn=loss,
         preset=preset,
-        n=n,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        scale=scale,
         num_images_per_prompt=num_images,
         generator=torch.Generator(device).manual_seed(seed),
         progress=progress,
+        **options,
     )
     paths = []
     for i, image in enumerate(result.images):

@@ -76,7 +76,7 @@ def test_mixture_sample_statistics(mixture):
 
 
 def test_digits_mixture():
-    m = sk.GaussianMixture.digits(n_components=100, size=16)
+    m = sk.digits_mixture(n_components=100, size=16)
     assert m.means.shape == (100, 1, 16, 16)
     assert float(m.means.min()) >= -1 - 1e-9 and float(m.means.max()) <= 1 + 1e-9
     assert m.labels.shape == (100,) and set(m.labels.tolist()) <= set(range(10))

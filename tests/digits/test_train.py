@@ -3,7 +3,8 @@
 import torch
 
 import sagkit as sk
-from sagkit.digits.train import augment, main, train_classifier, train_unet
+from sagkit.digits.train import augment, train_classifier, train_unet
+from sagkit.lab.cli import main
 
 TINY_UNET = {
     "block_out_channels": (8, 16),
@@ -60,7 +61,7 @@ def test_train_classifier_smoke(tmp_path):
 
 
 def test_cli_trains_both(tmp_path, capsys):
-    main(["digits", "--steps", "1", "--out", str(tmp_path), "--seed", "1"])
+    main(["train", "digits", "--steps", "1", "--out", str(tmp_path), "--seed", "1"])
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "unet:" in printed
     assert (tmp_path / "digits-unet" / "diffusion_pytorch_model.safetensors").is_file()

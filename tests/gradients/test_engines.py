@@ -156,7 +156,7 @@ def thread_probe():
     from diffusers import DDIMScheduler
 
     unet = sk.DiffusersModel(tiny_unet().eval(), DDIMScheduler(num_train_timesteps=1000))
-    problems = {"digits-heun": (sk.GaussianMixture.digits(n_components=64), "heun"),
+    problems = {"digits-heun": (sk.digits_mixture(n_components=64), "heun"),
                 "unet-ddim": (unet, "ddim")}  # fmt: skip
     checks, grads = {}, {}
     for name, (model, solver) in problems.items():

@@ -15,14 +15,9 @@ import sagkit as sk
 from sagkit.core.frames import tweedie_x0
 from sagkit.guidance import losses
 from sagkit.guidance.base import DDIMBase, SchedulerBase
-from sagkit.guidance.sampler import (
-    backward_shift,
-    dps_step_size,
-    estimate_times,
-    guided_sample,
-    repeat_schedule,
-    rms_step_size,
-)
+from sagkit.guidance.methods import backward_shift, dps_step_size, estimate_times, rms_step_size
+from sagkit.guidance.sampler import guided_sample
+from sagkit.guidance.travel import repeat_schedule
 
 SCHEDULERS = [
     "DDIMScheduler",

@@ -8,14 +8,9 @@ from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
 from sagkit.guidance import losses
-from sagkit.guidance.sampler import (
-    dps_step_size,
-    guidance_gradient,
-    guidance_window,
-    guided_sample,
-    renoise,
-    rms_step_size,
-)
+from sagkit.guidance.methods import dps_step_size, guidance_gradient, rms_step_size
+from sagkit.guidance.sampler import guided_sample
+from sagkit.guidance.travel import guidance_window, renoise
 from sagkit.lab.profiling import CountingModel
 
 METHODS = ("none", "freedom", "dps", "sag")
@@ -85,7 +80,7 @@ def test_guidance_gradient_is_autograd_through_the_estimate(digits_model, x_T):
 @pytest.mark.parametrize("guidance", ["freedom", "dps", "sag"])
 def test_guidance_lowers_the_loss(guidance):
     """An exact model (a digits mixture) and an inpainting loss: guidance must beat "none"."""
-    model = sk.GaussianMixture.digits(n_components=64, size=16)
+    model = sk.digits_mixture(n_components=64, size=16)
     ref = model.means[5]
     x_T = torch.randn(8, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     loss = _inpaint_loss(ref)
@@ -181,9 +176,7 @@ def _counted_sample(model, loss, x_T, guidance, *, cfg, **kw):
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
 @pytest.mark.parametrize(("guidance", "n", "repeats"), REUSE_CASES)
-def test_guided_steps_reuse_the_base_eps(
-    monkeypatch, digits_model, classifier, x_T, cfg, guidance, n, repeats
-):
+def test_guided_steps_reuse_the_base_eps(digits_model, classifier, x_T, cfg, guidance, n, repeats):
     """With reuse the samples are bit for bit those of the old path, with one network call
     fewer per guided step and repeat.
 
@@ -193,14 +186,13 @@ def test_guided_steps_reuse_the_base_eps(
     (DDIM), minus the reused first slope (1):
         calls = (steps − guided) + guided · repeats · (1 + 2·n·s − reuse).
     """
-    from sagkit.guidance import sampler
-
     steps, guided, s = 6, 3, 1
     loss = losses.target_class(classifier, 3)
-    kw = {"n": n, "repeats": repeats, "seed": 4}
+    kw = {"n": n, "repeats": repeats, "seed": 4, "gradient": "symplectic"}
     new, calls = _counted_sample(digits_model, loss, x_T, guidance, cfg=cfg, **kw)
-    monkeypatch.setattr(sampler, "REUSE_EPS", False)
-    old, old_calls = _counted_sample(digits_model, loss, x_T, guidance, cfg=cfg, **kw)
+    old, old_calls = _counted_sample(
+        digits_model, loss, x_T, guidance, cfg=cfg, reuse_eps=False, **kw
+    )
     assert torch.equal(new, old)
     assert old_calls == (steps - guided) + guided * repeats * (1 + 2 * n * s)
     assert calls == (steps - guided) + guided * repeats * (1 + 2 * n * s - 1)

@@ -6,9 +6,13 @@ import torch
 from helpers import exit_code as run
 from helpers import one_line_error
 
-from sagkit.digits.train import main as train_main
 from sagkit.lab.cli import main
 from sagkit.lab.report import ReportError, write_report
+
+
+def train_main(argv):
+    """``sagkit train`` with ``argv``."""
+    return main(["train", *argv])
 
 
 @pytest.mark.parametrize(

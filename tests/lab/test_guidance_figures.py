@@ -96,7 +96,7 @@ def test_guided_grid_refuses_an_empty_window_before_sampling(digits_model, class
 def test_guided_grid_defaults_guide_some_steps():
     import inspect
 
-    from sagkit.guidance.sampler import guidance_window
+    from sagkit.guidance.travel import guidance_window
 
     params = inspect.signature(guided_grid).parameters
     steps, window = params["steps"].default, params["window"].default

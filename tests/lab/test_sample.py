@@ -56,7 +56,7 @@ def test_tiny_run_writes_images(capsys, tmp_path, style):
 
 def test_run_from_saved_folders(monkeypatch, tmp_path, style):
     """The loading path: a pipeline and a CLIP saved to folders, given by the variables."""
-    from sagkit.lab.tiny_sd import tiny_clip_vision, tiny_pipeline
+    from sagkit.sd.tiny import tiny_clip_vision, tiny_pipeline
 
     tiny_pipeline(latent_size=8).save_pretrained(tmp_path / "sd")
     tiny_clip_vision().save_pretrained(tmp_path / "clip")

@@ -13,7 +13,7 @@
 - the base sampler is the pipeline's scheduler (or the one given, or the preset's), driven
   through its own ``set_timesteps``/``step``, from the same initial noise as the pipeline
   draws, so that ``guidance="none"`` is the pipeline's own denoising loop;
-- the loss sees decoded images: L(z) = ℓ(D(z / s)) (:func:`sagkit.guidance.latent.decoded_loss`),
+- the loss sees decoded images: L(z) = ℓ(D(z / s)) (:func:`sagkit.sd.latent.decoded_loss`),
   so the VAE decoder runs inside the guidance gradient of the guided steps only, once on x_T
   before the loop (where :func:`sagkit.guided_sample` checks the loss's output shape) and once
   at the end for the output, which goes through the pipeline's safety checker and image
@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..core.models import working_dtype
+from ..guidance.config import DEFAULTS, GuidanceConfig
+from ..guidance.sampler import guided_sample
 from .latent import TextConditionedModel, decoded_loss
-from .sampler import guided_sample
 
 __all__ = ["GuidedStableDiffusion", "OUTPUT_TYPES"]
 
@@ -111,11 +112,9 @@ class GuidedStableDiffusion:
         )
         return cond.to(self.dtype), null[:1].to(self.dtype)
 
-    def model(self, negative_embeds: torch.Tensor, scheduler=None) -> TextConditionedModel:
+    def model(self, negative_embeds: torch.Tensor) -> TextConditionedModel:
         """The UNet as a sagkit model, the negative embeddings (1, L, D) its ``null_cond``."""
-        return TextConditionedModel(
-            self.pipe.unet, scheduler or self.pipe.scheduler, negative_embeds
-        )
+        return TextConditionedModel(self.pipe.unet, self.pipe.scheduler, negative_embeds)
 
     def latent_loss(self, loss_fn: Callable) -> Callable:
         """z ↦ loss_fn(D(z / s)) on the pipeline's VAE; ``loss_fn`` takes images in [-1, 1]."""
@@ -140,17 +139,8 @@ class GuidedStableDiffusion:
         negative_prompt: str | None = None,
         *,
         loss_fn: Callable | None = None,
-        guidance: str | None = None,
+        config: GuidanceConfig | None = None,
         preset: str | None = None,
-        scheduler=None,
-        steps: int | None = None,
-        cfg_scale: float = 7.5,
-        n: int | None = None,
-        scale: float | None = None,
-        window=None,
-        repeats=None,
-        estimate_grid: str | None = None,
-        step_size: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -161,26 +151,23 @@ class GuidedStableDiffusion:
         output_type: str = "pil",
         return_losses: bool = False,
         progress: bool = True,
+        **options,
     ):
         """Guided text-to-image sampling.
+
+        The choices of the run are a :class:`~sagkit.guidance.config.GuidanceConfig`:
+        ``config`` (the ``options`` given override its fields), or one resolved from
+        :meth:`defaults`, then the ``preset`` (built from the pipeline's scheduler config),
+        then the ``options`` given.
 
         Args:
             prompt: a string or B strings (or ``prompt_embeds`` (B, L, D)).
             negative_prompt: one string, the unconditional branch of CFG for the whole batch
                 (default ""; or ``negative_prompt_embeds`` (1, L, D)).
             loss_fn: decoded images (B, 3, H, W) in [-1, 1] (the VAE's range) → (B,) values,
-                e.g. :class:`sagkit.guidance.clip.StyleLoss`; ``None`` with
-                ``guidance="none"`` (the default then).
-            guidance: "none", "freedom", "dps", "sag" (default with a ``loss_fn``) or
-                "backward" (:data:`sagkit.guidance.sampler.GUIDANCE`).
-            preset: "sag-paper", "freedom-paper" or "dps-paper" (built from the pipeline's
-                scheduler config); the arguments given override it.
-            scheduler: the base sampler, a diffusers scheduler of the pipeline's training
-                schedule; default the pipeline's (or the preset's).
-            steps: base sampler steps (default 50, or the preset's).
-            cfg_scale: w of classifier-free guidance (default 7.5, the pipeline's).
-            n, scale, window, repeats, estimate_grid, step_size: as in
-                :func:`sagkit.guided_sample`.
+                e.g. :class:`sagkit.sd.clip.StyleLoss`; ``None`` with ``guidance="none"``.
+            config: every choice of guided sampling; not with ``preset``.
+            preset: "sag-paper", "freedom-paper" or "dps-paper".
             height, width: image size (default the UNet's sample size times the VAE's factor).
             num_images_per_prompt: images per prompt; the batch is B = prompts × this.
             generator: a ``torch.Generator`` (or one per image, as diffusers accepts) for the
@@ -190,14 +177,17 @@ class GuidedStableDiffusion:
             return_losses: also return L along the run (see :func:`sagkit.guided_sample`),
                 (steps + 1, B).
             progress: show the sampler's progress bar.
+            **options: fields of :class:`~sagkit.guidance.config.GuidanceConfig`
+                (``guidance``, ``steps``, ``n``, ``scale``, ``window``, ``repeats``,
+                ``sampler`` (a scheduler of the pipeline's training schedule, default the
+                pipeline's), ``estimate_grid``, ``step_size``, ``backward_steps``,
+                ``cfg_scale`` (default 7.5), ``gradient``, ``reuse_eps``).
         Returns:
             diffusers' ``StableDiffusionPipelineOutput`` (``.images``,
             ``.nsfw_content_detected``), with ``return_losses`` a pair (output, losses).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if guidance is None and preset is None:
-            guidance = "none" if loss_fn is None else "sag"
         cond, null = self.encode(
             prompt,
             negative_prompt=negative_prompt,
@@ -205,6 +195,16 @@ class GuidedStableDiffusion:
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
         )
+        model = self.model(null)
+        if config is None:
+            config = GuidanceConfig.resolve(
+                preset=preset, model=model, cond=cond, defaults=self.defaults(loss_fn), **options
+            )
+            options = {}
+        elif preset is not None:
+            raise ValueError(
+                "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
+            )
         if latents is None:
             factor = self.pipe.vae_scale_factor
             size = self.pipe.unet.config.sample_size * factor
@@ -216,32 +216,31 @@ class GuidedStableDiffusion:
                 f"latents must have batch size {cond.shape[0]} (prompts × num_images_per_prompt), "
                 f"got shape {tuple(latents.shape)}"
             )
-        if scheduler is None and preset is None:
-            scheduler = self.pipe.scheduler
-        model = self.model(null)
         result = guided_sample(
             model,
             None if loss_fn is None else self.latent_loss(loss_fn),
             latents.to(self.device, self.dtype),
-            steps=steps,
-            guidance=guidance,
-            n=n,
-            scale=scale,
-            window=window,
-            repeats=repeats,
-            sampler=scheduler,
-            estimate_grid=estimate_grid,
-            step_size=step_size,
-            cfg_scale=cfg_scale,
-            preset=preset,
+            config=config,
             cond=cond,
             generator=generator[0] if isinstance(generator, list) else generator,
             progress=progress,
             return_losses=return_losses,
+            **options,
         )
         z, losses = result if return_losses else (result, None)
         output = self.decode(z, output_type=output_type, generator=generator)
         return (output, losses) if return_losses else output
+
+    def defaults(self, loss_fn: Callable | None = None) -> dict:
+        """The pipeline's defaults, over sagkit's (:data:`sagkit.guidance.config.DEFAULTS`):
+        diffusers' ``guidance_scale`` w = 7.5, the pipeline's own scheduler as the base
+        sampler, and no guidance without a ``loss_fn``. A preset's values override them."""
+        return {
+            **DEFAULTS,
+            "cfg_scale": 7.5,
+            "sampler": self.pipe.scheduler,
+            "guidance": "sag" if loss_fn is not None else "none",
+        }
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, output_type: str = "pil", generator=None):

@@ -1,7 +1,7 @@
 """A Stable Diffusion pipeline and a CLIP vision model with tiny configs and random weights.
 
 Built locally from configs (nothing is downloaded), small enough for a CPU in seconds: the
-offline tests of :mod:`sagkit.guidance.stable_diffusion` and :mod:`sagkit.guidance.clip`, the
+offline tests of :mod:`sagkit.sd.pipeline` and :mod:`sagkit.sd.clip`, the
 fast mode of notebook 06 and ``sagkit sample --tiny``. Their images are noise-like (random
 weights); they show the wiring, not the pictures.
 

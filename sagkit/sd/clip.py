@@ -1,7 +1,7 @@
 """The losses of SAG's Stable Diffusion tasks, on transformers CLIP models the caller passes in.
 
 Every loss maps decoded images (B, 3, H, W) in [-1, 1] (the VAE's range) to (B,) values, so it
-is a ``loss_fn`` of :class:`sagkit.guidance.stable_diffusion.GuidedStableDiffusion`:
+is a ``loss_fn`` of :class:`sagkit.sd.pipeline.GuidedStableDiffusion`:
 
     StyleLoss(vision, reference)        ‖G(x) − G(ref)‖_F, G the Gram matrix of an
                                         intermediate layer's patch tokens (style transfer)

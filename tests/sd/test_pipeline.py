@@ -1,18 +1,18 @@
-"""The guided Stable Diffusion pipeline on tiny random components (sagkit.lab.tiny_sd)."""
+"""The guided Stable Diffusion pipeline on tiny random components (sagkit.sd.tiny)."""
 
 import pytest
 import torch
 from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
-from sagkit.guidance.clip import (
+from sagkit.sd.clip import (
     AestheticLoss,
     ImageSimilarityLoss,
     StyleLoss,
     TextSimilarityLoss,
 )
-from sagkit.guidance.stable_diffusion import GuidedStableDiffusion
-from sagkit.lab.tiny_sd import tiny_clip_vision, tiny_pipeline
+from sagkit.sd.pipeline import GuidedStableDiffusion
+from sagkit.sd.tiny import tiny_clip_vision, tiny_pipeline
 
 PROMPTS = ["a red fox", "a lighthouse"]
 
@@ -147,7 +147,7 @@ def test_presets_and_schedulers_run_on_the_pipeline(pipe, vision, reference):
     guided = GuidedStableDiffusion.from_pipe(pipe)
     loss = StyleLoss(vision, reference * 2 - 1)
     dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    for options in (dict(preset="sag-paper", steps=5), dict(scheduler=dpm, steps=4)):
+    for options in (dict(preset="sag-paper", steps=5), dict(sampler=dpm, steps=4)):
         out = guided(
             "a fox", loss_fn=loss, generator=seeded(), output_type="latent", progress=False,
             **options,

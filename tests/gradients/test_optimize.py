@@ -5,7 +5,7 @@ import torch
 from helpers import RoundingChain, roundoff_bound, tiny_unet
 
 import sagkit as sk
-from sagkit.guidance.optimize import cosine_distance, identity_loss, slerp
+from sagkit.gradients.optimize import cosine_distance, identity_loss, slerp
 
 
 def _randn(shape, seed):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
-from sagkit.guidance.clip import (
+from sagkit.sd.clip import (
     OPENAI_CLIP_STD,
     AestheticLoss,
     ImageSimilarityLoss,
@@ -17,7 +17,7 @@ from sagkit.guidance.clip import (
     resized_size,
     text_embeddings,
 )
-from sagkit.lab.tiny_sd import tiny_clip_vision, tiny_tokenizer
+from sagkit.sd.tiny import tiny_clip_vision, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import torch
 from helpers import RoundingChain, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
-from sagkit.guidance.latent import TextConditionedModel, decoded_loss
-from sagkit.lab.tiny_sd import tiny_unet_and_vae
+from sagkit.sd.latent import TextConditionedModel, decoded_loss
+from sagkit.sd.tiny import tiny_unet_and_vae
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
    its ``null_cond``, so :func:`sagkit.guided_sample` (with ``cond`` and ``cfg_scale``) and
    :class:`sagkit.ClassifierFreeGuidance` build ε̃ for every solve, estimate and gradient.
 
-:class:`sagkit.guidance.stable_diffusion.GuidedStableDiffusion` puts both together over a
+:class:`sagkit.sd.pipeline.GuidedStableDiffusion` puts both together over a
 loaded diffusers pipeline (docs/latent_diffusion.md).
 """
 
