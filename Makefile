@@ -11,7 +11,7 @@ TORCH   := torch==2.13.0
 UVPIP   := $(BIN)/uv pip
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv lab report test lint format notebooks-test unit-test bench browser lock clean
+.PHONY: venv lab report test lint format notebooks-test unit-test bench gpu-check browser lock clean
 
 # torch is installed by pip, without its dependencies (they are in the lock): pip finds the
 # CPU wheel where the machine keeps one, instead of gigabytes of CUDA packages. Everything
@@ -45,6 +45,13 @@ report: venv
 
 bench: venv
 	$(BIN)/sagkit bench
+
+# On a CUDA machine: the CUDA tests, the engine benchmark, guided-sampling throughput in float32
+# and bfloat16, the SD-sized memory benchmark and torch.compile, into results/gpu_check/
+# (gpu_check.json and gpu_check.md). GPU_CHECK_FLAGS=--dry-run runs the wiring on the CPU.
+GPU_CHECK_FLAGS ?=
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check $(GPU_CHECK_FLAGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py                    # SD 1.5 size
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --ns 1 2 --rounds 1
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --cfg-scale 7.5    # CFG: batch 2
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --channels 32 64 --latent 16
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --channels 32 32 64 64 --latent 16
 
 A ``UNet2DConditionModel`` with Stable Diffusion 1.5's configuration (block widths 320, 640,
 1280, 1280; cross-attention on 768-wide text embeddings of 77 tokens; about 860M parameters)

@@ -82,6 +82,35 @@ def test_guided_sampling_on_cuda():
     assert out.device.type == "cuda" and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("engine", ["budgeted", "symplectic"])
+def test_guided_sampling_on_cuda_matches_the_cpu(engine, ieee_float32):
+    """float64 on CUDA and on the CPU: the same guided run within the two runs' counted
+    rounding bounds, with the default engine and the symplectic adjoint."""
+    runs = {}
+    with RoundingChain() as chain:
+        for device in ("cpu", "cuda"):
+            model = sk.load_pretrained("digits", device=device, dtype=torch.float64)
+            classifier = sk.load_classifier("digits", device=device, dtype=torch.float64)
+            x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+            runs[device] = sk.guided_sample(
+                model, sk.losses.target_class(classifier, 3), x_T.double().to(device),
+                steps=6, window=(0.0, 1.0), n=2, gradient=engine, progress=False,
+                generator=torch.Generator(device).manual_seed(1),
+            ).cpu()  # fmt: skip
+    bounds = (roundoff_bound(chain.longest(r), torch.float64) for r in runs.values())
+    assert rel(runs["cuda"], runs["cpu"]) <= pair_bound(*bounds)
+
+
+def test_bfloat16_weights_guide_in_float32_on_cuda():
+    model = sk.load_pretrained("digits", device="cuda", dtype=torch.bfloat16)
+    classifier = sk.load_classifier("digits", device="cuda")
+    x_T = torch.randn(4, 1, 16, 16, device="cuda")
+    out = sk.guided_sample(
+        model, sk.losses.target_class(classifier, 3), x_T, steps=10, n=3, progress=False
+    )
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
 def test_x_on_another_device_than_the_model_is_a_clear_error():
     """Issue 13 (was B): x on the CPU with the model on CUDA, and the reverse."""
     model = sk.load_pretrained("digits", device="cuda")

@@ -34,7 +34,16 @@ from ..core.frames import rho_of_t, tweedie_x0
 from ..core.schedules import time_grid
 from ..core.solvers import SOLVERS, ProbabilityFlow, rk_step
 
-__all__ = ["DDIMBase", "SchedulerBase", "make_base"]
+__all__ = ["DDIMBase", "SchedulerBase", "make_base", "first_stage_eps"]
+
+
+def first_stage_eps(model, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
+    """ε(x_t, t) evaluated exactly as the first stage of a solve from t (:func:`sagkit.solve`):
+    at α_t (x_t/α_t), which equals x_t up to rounding. Every base sampler takes its ε this way,
+    so the base step's ε is the n-step estimate's first network call, bit for bit, and the two
+    can share it (docs/maths.md §8.8)."""
+    f = ProbabilityFlow(model, cond)
+    return f(f.to_y(x_t, t), rho_of_t(model.schedule, t), t)
 
 
 class DDIMBase:
@@ -53,10 +62,8 @@ class DDIMBase:
         return x_T
 
     def eps(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
-        """ε at (x_t, t_k), evaluated exactly as the first stage of :func:`sagkit.solve`."""
-        f = ProbabilityFlow(model, cond)
-        t = self.times[k]
-        return f(f.to_y(x_t, t), rho_of_t(self.schedule, t), t)
+        """ε(x_t, t_k) (:func:`first_stage_eps`)."""
+        return first_stage_eps(model, x_t, self.times[k], cond)
 
     def update(self, x_t: torch.Tensor, k: int, eps: torch.Tensor, *, generator=None):
         """x_{t_{k+1}} from x_{t_k} and its ε (deterministic: ``generator`` is unused)."""
@@ -148,8 +155,8 @@ class SchedulerBase:
         return x_T * self.scheduler.init_noise_sigma * self._scale(0, x_T)
 
     def eps(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
-        """ε(x_t, t_k): the network at the scheduler's timestep τ_k."""
-        return model.eps(x_t, self.times[k], cond)
+        """ε(x_t, t_k), the network at the scheduler's timestep τ_k (:func:`first_stage_eps`)."""
+        return first_stage_eps(model, x_t, self.times[k], cond)
 
     def update(self, x_t: torch.Tensor, k: int, eps: torch.Tensor, *, generator=None):
         """The scheduler's ``step`` from τ_k with that ε; x at t_{k+1}."""

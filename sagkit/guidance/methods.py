@@ -57,6 +57,7 @@ overrides what it changes, registered in :data:`GUIDANCE` under its ``name``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -65,7 +66,7 @@ import torch
 
 from ..core.checks import require
 from ..core.estimates import rms
-from ..core.frames import per_sample
+from ..core.frames import per_sample, tweedie_x0
 from ..core.registry import Registry
 from ..core.schedules import time_grid
 from ..gradients.api import GradientMethod, resolve_engine, run_engine
@@ -92,14 +93,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GuidedStep:
-    """A guided step k as a method sees it.
+    """A step k as a method sees it: the network's evaluation at x_t, and what came with it.
 
     Attributes:
         k: the step's index; ``t`` its time t_k.
         x_t: (B, ...) the state entering the step (after any time travel).
-        eps: (B, ...) the base step's ε(x_t) (under CFG the guided ε̃), without a graph.
+        eps: (B, ...) ε(x_t) (under CFG the guided ε̃), without a graph: the base step's ε.
         x0: (B, ...) its one-step estimate (x_t − σ_t ε)/α_t.
         cfg_difference: (B, ...) Δ = ε_c − ε_u of that call under CFG, else ``None``.
+        gradient: ``(L (B,), g (B, ...))`` of the method's estimate at x_t, when the method
+            computed it with ε (:meth:`GuidanceRun.evaluate_with_gradient`), else ``None``.
     """
 
     k: int
@@ -108,6 +111,7 @@ class GuidedStep:
     eps: torch.Tensor
     x0: torch.Tensor
     cfg_difference: torch.Tensor | None
+    gradient: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,22 +119,24 @@ class GuidanceRun:
     """What stays fixed over one guided run, built once by the sampler from the configuration.
 
     Attributes:
-        model: the model the estimate runs (classifier-free guidance around it under CFG).
+        model: the model of every network call (classifier-free guidance around the user's
+            model under CFG, ``cfg`` true).
+        base: the base sampler (:func:`sagkit.guidance.base.make_base`).
         loss_fn: images (B, ...) → (B,) values.
         cond: (B, ...) the conditioning of every network call, or ``None``.
-        times: the base sampler's times t_0 … t_K.
         n: the estimate's steps; ``estimate_grid`` its grid (:func:`estimate_times`).
         engine: the gradient engine (a :class:`~sagkit.GradientMethod`).
         scale: the step rule's constant (c or ζ), resolved.
         per_batch: one step size for the batch instead of one per sample.
         backward_steps: backward guidance's descent steps m.
-        reuse_eps: serve the estimate's first network call from the base step's ε.
+        reuse_eps: the base step takes ε(x_t) from the estimate's first network call.
     """
 
     model: object
+    cfg: bool
+    base: object
     loss_fn: Callable
     cond: torch.Tensor | None
-    times: Sequence[float]
     n: int
     estimate_grid: str
     engine: GradientMethod
@@ -143,15 +149,36 @@ class GuidanceRun:
     def schedule(self):
         return self.model.schedule
 
-    def gradient(self, step: GuidedStep, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L (B,), g (B, ...)) of the n-step estimate at the step's x_t (:func:`guidance_gradient`)."""
+    def evaluate(self, k: int, x_t: torch.Tensor) -> GuidedStep:
+        """The base step's own network call at x_t (no gradient)."""
+        t, network = self.base.times[k], _FirstCall(self.model, self.cfg)
+        with torch.no_grad():
+            self.base.eps(network, x_t, k, self.cond)
+            eps, difference = network.first
+            return GuidedStep(k, t, x_t, eps, tweedie_x0(self.schedule, x_t, t, eps), difference)
+
+    def evaluate_with_gradient(self, k: int, x_t: torch.Tensor, n: int) -> GuidedStep:
+        """The network at x_t and the gradient of the n-step estimate there, sharing ε(x_t).
+
+        The estimate's first network call is ε(x_t) (every solver's first stage is at the
+        step's start): its output, detached, is the base step's ε, so the step costs the
+        engine's calls and no more (docs/maths.md §8.8). With ``reuse_eps`` off the base
+        step calls the network itself, for comparison.
+        """
+        t = self.base.times[k]
         grid = estimate_times(
-            self.times, step.k, n, grid=self.estimate_grid, schedule=self.schedule
+            self.base.times, k, n, grid=self.estimate_grid, schedule=self.schedule
         )
-        model = _Primed(self.model, step.eps if self.reuse_eps else None)
-        return guidance_gradient(
-            model, self.loss_fn, step.x_t, step.t, cond=self.cond, ts=grid, gradient=self.engine
+        model = _FirstCall(self.model, self.cfg)
+        loss, g = guidance_gradient(
+            model, self.loss_fn, x_t, t, cond=self.cond, ts=grid, gradient=self.engine
         )
+        if not self.reuse_eps:
+            return dataclasses.replace(self.evaluate(k, x_t), gradient=(loss, g))
+        eps, difference = model.first
+        with torch.no_grad():
+            x0 = tweedie_x0(self.schedule, x_t, t, eps)
+        return GuidedStep(k, t, x_t, eps, x0, difference, (loss, g))
 
 
 class GuidanceMethod:
@@ -176,6 +203,10 @@ class GuidanceMethod:
     def default_scale(self, cfg_scale: float | None) -> float:
         """The step rule's constant when ``scale`` is not given (``cfg_scale``: w under CFG)."""
         return 0.0
+
+    def evaluate(self, run: GuidanceRun, k: int, x_t: torch.Tensor) -> GuidedStep:
+        """The network's evaluation at step k (default: the base step's call alone)."""
+        return run.evaluate(k, x_t)
 
     def shift_eps(self, run: GuidanceRun, step: GuidedStep) -> torch.Tensor:
         """The ε the base sampler updates with at a guided step (default: the network's)."""
@@ -208,8 +239,12 @@ class GradientGuidance(GuidanceMethod):
         """ρ_t per sample, (B,)."""
         raise NotImplementedError
 
+    def evaluate(self, run: GuidanceRun, k: int, x_t: torch.Tensor) -> GuidedStep:
+        """ε(x_t) together with the gradient of the method's estimate, one evaluation shared."""
+        return run.evaluate_with_gradient(k, x_t, self.estimate_steps(run.n))
+
     def correct(self, run: GuidanceRun, step: GuidedStep, x_s: torch.Tensor) -> torch.Tensor:
-        loss, g = run.gradient(step, self.estimate_steps(run.n))
+        loss, g = step.gradient
         return x_s - per_sample(self.step_size(run, step, x_s, loss, g), x_s) * g
 
 
@@ -396,24 +431,24 @@ def backward_shift(
     return delta
 
 
-class _Primed:
-    """A model whose first call, when made without autograd, returns a given ε instead of
-    evaluating the network; every other call goes to the network.
+class _FirstCall:
+    """A model that passes every call on to ``model`` and keeps the first call's output,
+    detached, as ``first = (ε, Δ)``: Δ = ε_c − ε_u of that call under classifier-free guidance
+    (``cfg``; ``model`` is then a :class:`~sagkit.ClassifierFreeGuidance`), else ``None``."""
 
-    The estimate's first network call is ε(x_t, t) (every solver's first stage is at the
-    step's start), which the base step has just computed (docs/maths.md §8.8). Engines that
-    make their first call under autograd (they need its graph: backprop, and "budgeted" where
-    it keeps every step's graph) get the network, and the served ε is dropped.
-    """
-
-    def __init__(self, model, eps: torch.Tensor | None):
-        self.model, self.schedule, self.first = model, model.schedule, eps
+    def __init__(self, model, cfg: bool):
+        self.model, self.schedule, self.cfg, self.first = model, model.schedule, cfg, None
 
     def eps(self, x, t, cond=None):
-        first, self.first = self.first, None
-        if first is not None and not torch.is_grad_enabled():
-            return first
-        return self.model.eps(x, t, cond)
+        if self.first is not None:
+            return self.model.eps(x, t, cond)
+        if self.cfg:
+            eps, difference = self.model.eps_and_difference(x, t, cond)
+            self.first = (eps.detach(), difference.detach())
+        else:
+            eps = self.model.eps(x, t, cond)
+            self.first = (eps.detach(), None)
+        return eps
 
     def __getattr__(self, name):  # parameters() and buffers(): the engines exclude them
         if name == "model":

@@ -25,11 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_cond, check_inputs, check_scale, deferred_checks
-from ..core.frames import tweedie_x0
 from ..core.models import ClassifierFreeGuidance, null_cond_of
 from .base import make_base
 from .config import GuidanceConfig
-from .methods import GuidanceRun, GuidedStep, per_sample_loss
+from .methods import GuidanceRun, Unguided, per_sample_loss
 from .travel import renoise
 
 __all__ = ["guided_sample", "run_guided"]
@@ -108,8 +107,8 @@ def guided_sample(
                 "classifier-free guidance"
             )
         cond = _batch_cond(cond, x_T, "cond")
-    elif null is not None:
-        cond = _batch_cond(null, x_T, "model.null_cond")
+    elif null is not None:  # in x's dtype: a half-precision model keeps a half null_cond
+        cond = _batch_cond(null.to(x_T), x_T, "model.null_cond")
     if loss_fn is not None:
         with torch.no_grad():
             per_sample_loss(loss_fn, x_T)  # fail early on a wrong shape or reference
@@ -135,17 +134,6 @@ def _batch_cond(cond, x: torch.Tensor, name: str) -> torch.Tensor:
     return cond.expand(x.shape[0], *cond.shape[1:])
 
 
-class _Difference:
-    """Classifier-free guidance as a model that keeps Δ = ε_c − ε_u of its last call."""
-
-    def __init__(self, cfg: ClassifierFreeGuidance):
-        self.cfg, self.schedule, self.last = cfg, cfg.schedule, None
-
-    def eps(self, x, t, cond=None):
-        eps, self.last = self.cfg.eps_and_difference(x, t, cond)
-        return eps
-
-
 def run_guided(
     model,
     loss_fn,
@@ -165,24 +153,25 @@ def run_guided(
     ``base`` is the base sampler (:func:`sagkit.guidance.base.make_base`); ``cond`` the
     (B, ...) conditioning of every call, or ``None``; ``cfg`` whether the sampler is
     classifier-free guidance around ``model.null_cond`` with w = ``config.cfg_scale``
-    (default 1).
+    (default 1). A step outside the window is taken by :class:`Unguided`, a step inside it by
+    the configured method; each step asks its method for the network's evaluation, the ε of
+    the base update, and the state after it.
 
     (docs/maths.md §8.1)
     """
     method, guided, counts = config.method, config.guided_steps(), config.repeat_counts()
     cfg_scale = 1.0 if config.cfg_scale is None else config.cfg_scale
-    net = model
     if cfg:
-        model = ClassifierFreeGuidance(model, null_cond_of(model), cfg_scale)
-        net = _Difference(model)
+        model = ClassifierFreeGuidance(model, null_cond_of(model).to(x_T), cfg_scale)
     scale = config.scale
     if scale is None:
         scale = method.default_scale(cfg_scale if cfg else None)
     run = GuidanceRun(
         model=model,
+        cfg=cfg,
+        base=base,
         loss_fn=loss_fn,
         cond=cond,
-        times=base.times,
         n=config.n,
         estimate_grid=config.estimate_grid,
         engine=config.engine,
@@ -191,7 +180,7 @@ def run_guided(
         backward_steps=config.backward_steps,
         reuse_eps=config.reuse_eps,
     )
-    schedule, times = model.schedule, base.times
+    unguided, schedule, times = Unguided(), model.schedule, base.times
     x = base.start(x_T)
     trajectory, losses = [x], []
     with deferred_checks():  # no host–device sync inside the loop
@@ -201,26 +190,20 @@ def run_guided(
         for k in bar:
             t, s = times[k], times[k + 1]
             state = base.save() if counts[k] > 1 else None
+            step_method = method if guided[k] else unguided
             x_t = x
             for r in range(counts[k]):
                 if r:
                     base.load(state)
                     x_t = renoise(schedule, x, s, t, generator=generator)
-                with torch.no_grad():
-                    eps = base.eps(net, x_t, k, cond)
-                    x0 = tweedie_x0(schedule, x_t, t, eps)
+                step = step_method.evaluate(run, k, x_t)
                 if return_losses and r == 0:
                     with torch.no_grad():
-                        losses.append(per_sample_loss(loss_fn, x0))
-                if not guided[k]:
-                    with torch.no_grad():
-                        x = base.update(x_t, k, eps, generator=generator)
-                    continue
-                step = GuidedStep(k, t, x_t, eps, x0, net.last if cfg else None)
-                update_eps = method.shift_eps(run, step)
+                        losses.append(per_sample_loss(loss_fn, step.x0))
+                eps = step_method.shift_eps(run, step)
                 with torch.no_grad():
-                    x = base.update(x_t, k, update_eps, generator=generator)
-                x = method.correct(run, step, x)
+                    x = base.update(x_t, k, eps, generator=generator)
+                x = step_method.correct(run, step, x)
             if return_trajectory:
                 trajectory.append(x)
         extras = []

@@ -160,10 +160,26 @@ def test_bad_input(digits_model, classifier, x_T):
         _sample(digits_model, loss, x_T, "sag", cond=torch.zeros(2, 32, dtype=torch.float64))
 
 
-# --- reuse of the base step's ε(x_t) by the estimate's first step (docs/maths.md §8.8) -----
+# --- one ε(x_t) for the base step and the estimate (docs/maths.md §8.8) -------------------
 
 # (guidance, n, repeats): FreeDoM (n = 1), SAG with n = 3, with and without time travel
 REUSE_CASES = [("freedom", 1, 2), ("sag", 3, 2), ("sag", 3, 1), ("dps", 1, 1)]
+
+# network calls of the estimate's gradient per guided step and repeat, n DDIM steps (s = 1):
+# the default "budgeted" engine keeps every graph of the digits UNet (m = n: backprop's n
+# calls); the symplectic adjoint and checkpointing evaluate forward and again in backward; a
+# budget of 0 keeps no graph (the symplectic adjoint's path).
+ENGINE_CALLS = {
+    "budgeted": lambda n: n,
+    "backprop": lambda n: n,
+    "symplectic": lambda n: 2 * n,
+    "checkpoint": lambda n: 2 * n,
+    "no-graph budget": lambda n: 2 * n,
+}
+
+
+def _engine(name):
+    return sk.make_budgeted(budget_bytes=0) if name == "no-graph budget" else name
 
 
 def _counted_sample(model, loss, x_T, guidance, *, cfg, **kw):
@@ -174,25 +190,49 @@ def _counted_sample(model, loss, x_T, guidance, *, cfg, **kw):
     return x, counting.calls
 
 
+@pytest.mark.parametrize("engine", list(ENGINE_CALLS))
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
 @pytest.mark.parametrize(("guidance", "n", "repeats"), REUSE_CASES)
-def test_guided_steps_reuse_the_base_eps(digits_model, classifier, x_T, cfg, guidance, n, repeats):
-    """With reuse the samples are bit for bit those of the old path, with one network call
-    fewer per guided step and repeat.
+def test_a_guided_step_costs_its_engine_calls_alone(
+    digits_model, classifier, x_T, cfg, guidance, n, repeats, engine
+):
+    """The base step takes ε(x_t) from the estimate's first network call, so a guided step
+    costs the engine's calls and no more: FreeDoM one call with the default engine. The
+    samples are bit for bit those of the path that calls the network for the base step again
+    (``reuse_eps=False``): the first call gives the same floats with and without a graph here
+    (checked first), and every base sampler evaluates ε as the estimate's first stage does.
 
     Calls (a CFG call is one batched call of both branches): steps = 6, window (0, 0.5) guides
-    3 of them. An unguided step is 1 call; a guided repeat is the base DDIM step (1) plus the
-    estimate's forward (n·s) and the symplectic adjoint's recomputation (n·s), s = 1 stage
-    (DDIM), minus the reused first slope (1):
-        calls = (steps − guided) + guided · repeats · (1 + 2·n·s − reuse).
+    3 of them; an unguided step is 1 call:
+        calls = (steps − guided) + guided · repeats · (engine calls + [no reuse]).
     """
-    steps, guided, s = 6, 3, 1
+    steps, guided = 6, 3
+    x = x_T.clone().requires_grad_()
+    with torch.enable_grad():
+        graph = digits_model.eps(x, 0.5)
+    assert torch.equal(graph.detach(), digits_model.eps(x_T, 0.5))  # the premise
     loss = losses.target_class(classifier, 3)
-    kw = {"n": n, "repeats": repeats, "seed": 4, "gradient": "symplectic"}
+    kw = {"n": n, "repeats": repeats, "seed": 4, "gradient": _engine(engine)}
     new, calls = _counted_sample(digits_model, loss, x_T, guidance, cfg=cfg, **kw)
     old, old_calls = _counted_sample(
         digits_model, loss, x_T, guidance, cfg=cfg, reuse_eps=False, **kw
     )
     assert torch.equal(new, old)
-    assert old_calls == (steps - guided) + guided * repeats * (1 + 2 * n * s)
-    assert calls == (steps - guided) + guided * repeats * (1 + 2 * n * s - 1)
+    per_step = ENGINE_CALLS[engine](n)
+    assert calls == (steps - guided) + guided * repeats * per_step
+    assert old_calls == (steps - guided) + guided * repeats * (per_step + 1)
+    if guidance == "freedom" and engine == "budgeted":
+        assert per_step == 1  # FreeDoM at one network evaluation per guided step
+
+
+def test_schedulers_share_the_first_call_too(digits_model, classifier, x_T):
+    """A diffusers scheduler's base step evaluates ε as the estimate's first stage does, so
+    sharing it changes no bit there either."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm = DPMSolverMultistepScheduler.from_config(digits_model.scheduler.config)
+    loss = losses.target_class(classifier, 3)
+    kw = {"n": 2, "seed": 4, "sampler": dpm, "estimate_grid": "sampler"}
+    shared, _ = _counted_sample(digits_model, loss, x_T, "sag", cfg=False, **kw)
+    again, _ = _counted_sample(digits_model, loss, x_T, "sag", cfg=False, reuse_eps=False, **kw)
+    assert torch.equal(shared, again)
