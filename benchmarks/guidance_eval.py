@@ -16,7 +16,10 @@ Data-parallel, resumable (README, "Scaling out evaluation sweeps"; :mod:`sagkit.
         --batch-size 16 --out-dir results/shards --json results/guidance.json
 
 runs the shards (``--batch-size`` samples of one task and method) on 2 ranks, writes each to
-``--out-dir`` as it finishes and, run again, loads those instead of recomputing them. Only
+``--out-dir`` as it finishes and, run again, loads those instead of recomputing them: those
+whose key (sagkit version, task and loss, model weights, method, samples, seed, dtype; the
+module docstring of :mod:`sagkit.lab.evaluation`) is the run's. A file of another key, or one
+that cannot be read as a shard, stops the run with a ValueError naming it. Only
 rank 0 prints and writes ``--json``; ``--verbose`` logs every rank's computed and loaded shards
 to stderr. ``--device cuda`` puts rank r on GPU r of its machine (NCCL).
 
@@ -58,7 +61,9 @@ def main(argv=None) -> None:
     parser.add_argument("--target", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="samples per shard")
-    parser.add_argument("--out-dir", type=Path, default=None, help="shard files; resumes")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="shard files; resumes from those that match"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (rank r: GPU r)")
     parser.add_argument("--verbose", action="store_true", help="log shards, every rank")
     parser.add_argument("--json", type=Path, default=None)

@@ -13,6 +13,9 @@ import math
 
 import pytest
 import torch
+from bad_inputs import test_guidance as bad_guidance
+from bad_inputs import test_sd as bad_sd
+from bad_inputs import test_sweeps as bad_sweeps
 from helpers import make_loss
 
 import sagkit as sk
@@ -653,6 +656,30 @@ def test_the_table_covers_every_class():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
     assert {c[1] for c in CASES} == {"W", "H", "B", "G"}
+
+
+# --- the new surfaces: schedulers, presets, the configuration, values going non-finite, the
+# CLIP losses, the Stable Diffusion pipeline, `sagkit sample`, evaluation sweeps (their rows
+# live beside their fixtures in tests/bad_inputs/; "before" is the code the issue was filed
+# against) -----------------------------------------------------------------------------------
+NEW_SURFACES = [*bad_guidance.ROWS, *bad_sd.ROWS, *bad_sweeps.ROWS]
+
+
+@pytest.mark.parametrize(
+    "call, exception, message", [c[2:] for c in NEW_SURFACES], ids=[c[0] for c in NEW_SURFACES]
+)
+def test_new_surface_input_gets_a_clear_error(call, exception, message):
+    with pytest.raises(exception, match=message):
+        call()
+
+
+def test_the_new_surfaces_table():
+    """At least 50 cases, each once; before: W silently wrong, B obscure, G clear; after: every
+    row is a clear error (the test above)."""
+    ids = [c[0] for c in NEW_SURFACES]
+    assert len(ids) == len(set(ids)) >= 50
+    before = {cls: sum(c[1] == cls for c in NEW_SURFACES) for cls in "WBG"}
+    assert sum(before.values()) == len(ids) and before["W"] and before["B"]
 
 
 # --- the cases whose answer is a correct result, not an error ------------------------------

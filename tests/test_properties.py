@@ -3,11 +3,14 @@ grids and argument values give either a documented error (``ValueError``/``TypeE
 finite output of the right shape; the exact engines agree with backprop on random problems.
 
 Documented errors: batch size 0 (ValueError), float16/bfloat16 (TypeError), a guidance
-window that holds no step (ValueError). Sizes are tiny so that the file runs in seconds.
+window that holds no step (ValueError), a scheduler of another training schedule or with
+repeated timesteps (ValueError). Schedulers, presets and the tiny Stable Diffusion pipeline get
+properties of their own. Sizes are tiny so that the file runs in seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -181,6 +184,107 @@ def test_guided_sample_errs_or_is_finite(problem, steps, guidance, lo, hi, scale
             call()
         return
     finite_like(call(), x)
+
+
+@functools.cache
+def digits_unet():
+    return sk.load_pretrained("digits", device="cpu", dtype=torch.float64)
+
+
+SCHEDULERS = st.sampled_from(
+    ["DDIMScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+     "UniPCMultistepScheduler", "HeunDiscreteScheduler"]
+)  # fmt: skip
+FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FEW
+@given(
+    SCHEDULERS,
+    st.integers(1, 5),
+    st.sampled_from(["none", "freedom", "dps", "sag", "backward"]),
+    st.sampled_from(["to-zero", "sampler"]),
+    st.integers(1, 3),
+    st.sampled_from([2, 1, 0]),
+)
+def test_any_scheduler_errs_or_is_finite(name, steps, guidance, grid, batch, offset):
+    """Any diffusers scheduler, of the model's schedule or of another one (``offset``: another
+    num_train_timesteps), as the base sampler: a documented error or finite samples."""
+    import diffusers
+
+    model = digits_unet()
+    overrides = {} if offset == 0 else {"num_train_timesteps": 1000 - 100 * offset}
+    sampler = getattr(diffusers, name).from_config(model.scheduler.config, **overrides)
+    x = torch.randn((batch, 1, 16, 16), generator=torch.Generator().manual_seed(1)).double()
+    call = lambda: sk.guided_sample(  # noqa: E731
+        model, lambda y: (y**2).flatten(1).sum(1), x, steps=steps, guidance=guidance, n=2,
+        window=(0.0, 1.0), sampler=sampler, estimate_grid=grid, progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    if offset or name == "HeunDiscreteScheduler":  # another schedule; repeated timesteps
+        event("documented error")
+        with pytest.raises(ValueError, match="another training schedule|a repeated timestep"):
+            call()
+        return
+    event("sampled")
+    finite_like(call(), x)
+
+
+@FEW
+@given(
+    st.sampled_from(list(sk.PRESETS)),
+    st.integers(1, 6),
+    st.one_of(st.none(), st.integers(1, 4)),
+    st.booleans(),
+)
+def test_presets_at_any_size_are_finite(preset, steps, n, conditional):
+    """Every preset at any number of steps, with or without a CFG condition, an n override:
+    finite samples of x's shape (a preset's window may hold no step of very few steps: then
+    the documented error)."""
+    model = digits_unet()
+    x = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(1)).double()
+    cond = model.cond_for([3]) if conditional else None
+    window = sk.PRESETS[preset].window
+    call = lambda: sk.guided_sample(  # noqa: E731
+        model, lambda y: (y**2).flatten(1).sum(1), x, preset=preset, steps=steps, n=n,
+        cond=cond, progress=False, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    if not any(window[0] <= k / steps < window[1] for k in range(steps)):
+        event("documented error")
+        with pytest.raises(ValueError, match="holds no step"):
+            call()
+        return
+    event("sampled")
+    finite_like(call(), x)
+
+
+@functools.cache
+def tiny_sd():
+    from sagkit.sd.pipeline import GuidedStableDiffusion
+    from sagkit.sd.tiny import tiny_pipeline
+
+    return GuidedStableDiffusion.from_pipe(tiny_pipeline(latent_size=8, dtype=torch.float64))
+
+
+@FEW
+@given(
+    st.lists(st.sampled_from(["a fox", "a lighthouse", ""]), min_size=1, max_size=2),
+    st.integers(1, 2),
+    st.sampled_from(["none", "freedom", "sag", "backward"]),
+    st.integers(1, 3),
+    st.one_of(st.none(), st.floats(0.0, 9.0)),
+)
+def test_tiny_stable_diffusion_is_finite(prompts, per_prompt, guidance, steps, cfg_scale):
+    """The guided pipeline on random prompts, batch sizes, methods, steps and CFG scales:
+    finite latents of (prompts × per prompt, 4, 8, 8)."""
+    event(guidance)
+    out = tiny_sd()(
+        prompts, loss_fn=lambda z: z.flatten(1).pow(2).mean(1), guidance=guidance, steps=steps,
+        window=(0.0, 1.0), cfg_scale=cfg_scale, num_images_per_prompt=per_prompt,
+        output_type="latent", progress=False, generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert out.shape == (len(prompts) * per_prompt, 4, 8, 8)
+    assert bool(torch.isfinite(out).all())
 
 
 @SETTINGS

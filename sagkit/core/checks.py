@@ -17,11 +17,13 @@ from inside torch or diffusers. Each kind of check lives once:
     check_name(name, "spacing", choices)     one of the accepted names
     check_inputs(model, x, cond=cond)        the model, x and cond of a sampler or engine
     check_gradients(grads, names, method=m)  the gradients an engine returns are finite
+    check_folder(path, "out_dir")            a folder that can be written to (created)
 
 A check of a tensor's values (finite, in range) reads the tensor on the host: on a GPU that is a
 host–device synchronisation. Inside :func:`deferred_checks` such a check records its verdict on
 the device instead (:func:`require`), and the block ends with one synchronisation that raises
-the first failure: the guided sampler's loop runs that way, with no synchronisation per step.
+the first failure: the guided sampler's loop runs that way, with no synchronisation per step,
+each step's checks :func:`labelled` with the step and its time.
 
 float16 and bfloat16 are refused: the gradient engines lose all accuracy in half precision
 (relative errors of 10³ and more were measured), so sagkit works in float32 and float64.
@@ -30,10 +32,13 @@ float16 and bfloat16 are refused: the gradient engines lose all accuracy in half
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 
@@ -51,10 +56,12 @@ __all__ = [
     "check_name",
     "check_inputs",
     "check_gradients",
+    "check_folder",
     "PROGRESS_STEPS",
     "show_progress",
     "require",
     "deferred_checks",
+    "labelled",
 ]
 
 PROGRESS_STEPS = 1000
@@ -65,6 +72,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 _PENDING: ContextVar[list | None] = ContextVar("sagkit_pending_checks", default=None)
+_LABEL: ContextVar[str | None] = ContextVar("sagkit_check_label", default=None)
 
 
 def require(ok: torch.Tensor, message: Callable[[], str]) -> None:
@@ -74,11 +82,29 @@ def require(ok: torch.Tensor, message: Callable[[], str]) -> None:
     error, if any, is raised when the block ends; ``message`` is then called after the fact,
     so it must not depend on values that change in between.
     """
+    label = _LABEL.get()
+    if label is not None:
+        message = functools.partial(_labelled_message, label, message)
     pending = _PENDING.get()
     if pending is not None:
         pending.append((ok.detach().reshape(()), message))
     elif not bool(ok):
         raise ValueError(message())
+
+
+def _labelled_message(label: str, message: Callable[[], str]) -> str:
+    return f"{label}: {message()}"
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Prefix the message of every :func:`require` made inside the block with ``label`` (where
+    in a run the check was made, e.g. "step 12 of 50 (t = 0.76)"); the innermost label wins."""
+    token = _LABEL.set(label)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
 
 
 @contextlib.contextmanager
@@ -271,3 +297,22 @@ def check_gradients(grads, names, *, method: str) -> None:
                         "float64, more steps or another method"
                     ),
                 )
+
+
+def check_folder(path, name: str) -> Path:
+    """``path`` as a folder to write files to, created (with its parents) if missing; refuses a
+    value that is not a path, an existing file, and a folder that cannot be created or written
+    to, naming ``name``."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{name} must be a folder path (a str or path), got {path!r}")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{name}: cannot create the folder {str(folder)!r} ({reason})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: the folder {str(folder)!r} is not writable")
+    return folder

@@ -188,7 +188,8 @@ def trainable_parameters(model) -> list[torch.Tensor]:
 
 
 def evaluate_loss(loss_fn: Callable, x_out: torch.Tensor) -> torch.Tensor:
-    """L = loss_fn(x_out) as a scalar: a (B,) result is summed. Rejects other shapes, NaN and inf."""
+    """L = loss_fn(x_out) as a scalar: a (B,) result is summed. Rejects other shapes, and NaN or
+    inf in x_out (the solve went non-finite) or, else, in L (the loss did)."""
     value = loss_fn(x_out)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"loss_fn must return a tensor, got {type(value).__name__}")
@@ -199,8 +200,12 @@ def evaluate_loss(loss_fn: Callable, x_out: torch.Tensor) -> torch.Tensor:
             f"loss_fn must return a scalar or ({x_out.shape[0]},) values, got shape {tuple(value.shape)}"
         )
     require(
+        torch.isfinite(x_out.detach()).all(),
+        lambda: "the solve's output holds NaN or inf (the model's ε went non-finite in the solve)",
+    )
+    require(
         torch.isfinite(value.detach()),
-        lambda: f"loss_fn returned a non-finite value ({value.item()})",
+        lambda: f"loss_fn returned a non-finite value ({value.item()}) on a finite input",
     )
     if torch.is_grad_enabled() and x_out.requires_grad and not value.requires_grad:
         raise ValueError(

@@ -34,7 +34,7 @@ from ..core.frames import rho_of_t, tweedie_x0
 from ..core.schedules import time_grid
 from ..core.solvers import SOLVERS, ProbabilityFlow, rk_step
 
-__all__ = ["DDIMBase", "SchedulerBase", "make_base", "first_stage_eps"]
+__all__ = ["DDIMBase", "SchedulerBase", "make_base", "first_stage_eps", "check_same_schedule"]
 
 
 def first_stage_eps(model, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
@@ -94,8 +94,9 @@ class SchedulerBase:
     """A diffusers scheduler as the base sampler, through its ``set_timesteps`` and ``step``.
 
     Args:
-        scheduler: a diffusers scheduler of the model's training schedule (same
-            ``alphas_cumprod``). It is copied: the caller's scheduler is left as it was.
+        scheduler: a diffusers scheduler of the model's training schedule (the same
+            ``alphas_cumprod``, checked by :func:`check_same_schedule`; its prediction type may
+            differ). It is copied: the caller's scheduler is left as it was.
         model: the model (its ``schedule.num_train_timesteps`` N maps τ to t = (τ + 1)/N).
         steps: passed to ``set_timesteps``.
         device: where the scheduler's timesteps live.
@@ -119,6 +120,7 @@ class SchedulerBase:
                 "a diffusers scheduler as sampler needs a model with a discrete schedule "
                 "(VPSchedule.from_diffusers)"
             )
+        check_same_schedule(scheduler, model)
         self.scheduler = copy.deepcopy(scheduler)
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -186,6 +188,55 @@ class SchedulerBase:
         """Put the scheduler back to a :meth:`save`d state (the state can be loaded again)."""
         vars(self.scheduler).clear()
         vars(self.scheduler).update(_copied(state))
+
+
+def check_same_schedule(scheduler, model) -> None:
+    """Refuse a scheduler whose training schedule is not the model's, describing both.
+
+    The scheduler's N = ``num_train_timesteps`` must be the model's, and its ``alphas_cumprod``
+    ᾱ_n must equal the model's α² at t_n = (n + 1)/N within γ_N of float32 (N·2⁻²⁴): diffusers
+    computes ᾱ as a float32 product of N factors, so two schedulers of one schedule agree to
+    that, while another beta schedule or N differs by far more (10⁻² relative and up). The
+    prediction type need not match: the base step converts ε to the scheduler's.
+
+    (docs/maths.md §1.3)
+    """
+    n_model = model.schedule.num_train_timesteps
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise TypeError(
+            f"sampler {type(scheduler).__name__} has no alphas_cumprod: pass a diffusers "
+            "scheduler of the model's training schedule"
+        )
+    acp = torch.as_tensor(acp, dtype=torch.float64).cpu()
+    mine = _describe_schedule(getattr(model, "scheduler", None))
+    theirs = _describe_schedule(scheduler)
+    if acp.numel() != n_model:
+        raise ValueError(
+            f"sampler {type(scheduler).__name__} was made for another training schedule than "
+            f"the model: num_train_timesteps {acp.numel()} against the model's {n_model} "
+            f"(sampler {theirs}; model {mine}); build it with "
+            "from_config(model.scheduler.config)"
+        )
+    t = (torch.arange(n_model, dtype=torch.float64) + 1) / n_model
+    own = model.schedule.alpha(t) ** 2
+    worst = float(((acp - own).abs() / own).max())
+    bound = n_model * 2.0**-24
+    if not worst <= bound:
+        raise ValueError(
+            f"sampler {type(scheduler).__name__} was made for another training schedule than "
+            f"the model: its alphas_cumprod differ from the model's by up to {worst:.2g} "
+            f"relative (more than {bound:.1g}) (sampler {theirs}; model {mine}); build it with "
+            "from_config(model.scheduler.config)"
+        )
+
+
+def _describe_schedule(scheduler) -> str:
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return "no diffusers config"
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    return ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
 
 
 def _copied(state: dict) -> dict:

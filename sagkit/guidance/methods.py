@@ -173,6 +173,7 @@ class GuidanceRun:
         loss, g = guidance_gradient(
             model, self.loss_fn, x_t, t, cond=self.cond, ts=grid, gradient=self.engine
         )
+        require(torch.isfinite(g).all(), lambda: "the guidance gradient holds NaN or inf")
         if not self.reuse_eps:
             return dataclasses.replace(self.evaluate(k, x_t), gradient=(loss, g))
         eps, difference = model.first
@@ -434,7 +435,8 @@ def backward_shift(
 class _FirstCall:
     """A model that passes every call on to ``model`` and keeps the first call's output,
     detached, as ``first = (ε, Δ)``: Δ = ε_c − ε_u of that call under classifier-free guidance
-    (``cfg``; ``model`` is then a :class:`~sagkit.ClassifierFreeGuidance`), else ``None``."""
+    (``cfg``; ``model`` is then a :class:`~sagkit.ClassifierFreeGuidance`), else ``None``. It
+    checks that ε is finite (deferred, :func:`~sagkit.core.checks.require`)."""
 
     def __init__(self, model, cfg: bool):
         self.model, self.schedule, self.cfg, self.first = model, model.schedule, cfg, None
@@ -448,6 +450,9 @@ class _FirstCall:
         else:
             eps = self.model.eps(x, t, cond)
             self.first = (eps.detach(), None)
+        require(
+            torch.isfinite(self.first[0]).all(), lambda: "the network's ε(x_t) holds NaN or inf"
+        )
         return eps
 
     def __getattr__(self, name):  # parameters() and buffers(): the engines exclude them

@@ -12,9 +12,11 @@ are one :class:`~sagkit.guidance.config.GuidanceConfig`. Time travel and the gui
 are in :mod:`sagkit.guidance.travel`.
 
 :func:`guided_sample` checks its inputs once and runs :func:`run_guided`, the loop, which
-checks nothing. The loop does not synchronise host and device: the value checks inside it
-(a finite loss, DPS's non-negative loss) are deferred to one check at the end
-(:func:`sagkit.core.checks.deferred_checks`).
+checks nothing. The loop does not synchronise host and device: its value checks are deferred to
+one check at the end (:func:`sagkit.core.checks.deferred_checks`). Each step checks, in this
+order, that the network's ε(x_t), the estimate, the loss, the guidance gradient and the new
+state are finite (and DPS's loss non-negative); the first that failed is raised, naming the
+step, its time and the quantity.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_cond, check_inputs, check_scale, deferred_checks
+from ..core.checks import (
+    check_cond,
+    check_inputs,
+    check_scale,
+    deferred_checks,
+    labelled,
+    require,
+)
 from ..core.models import ClassifierFreeGuidance, null_cond_of
 from .base import make_base
 from .config import GuidanceConfig
@@ -193,17 +202,24 @@ def run_guided(
             step_method = method if guided[k] else unguided
             x_t = x
             for r in range(counts[k]):
-                if r:
-                    base.load(state)
-                    x_t = renoise(schedule, x, s, t, generator=generator)
-                step = step_method.evaluate(run, k, x_t)
-                if return_losses and r == 0:
+                label = f"step {k} of {config.steps} (t = {t:.4g}" + (
+                    f", repeat {r})" if r else ")"
+                )
+                with labelled(label):
+                    if r:
+                        base.load(state)
+                        x_t = renoise(schedule, x, s, t, generator=generator)
+                    step = step_method.evaluate(run, k, x_t)
+                    if return_losses and r == 0:
+                        with torch.no_grad():
+                            losses.append(per_sample_loss(loss_fn, step.x0))
+                    eps = step_method.shift_eps(run, step)
                     with torch.no_grad():
-                        losses.append(per_sample_loss(loss_fn, step.x0))
-                eps = step_method.shift_eps(run, step)
-                with torch.no_grad():
-                    x = base.update(x_t, k, eps, generator=generator)
-                x = step_method.correct(run, step, x)
+                        x = base.update(x_t, k, eps, generator=generator)
+                    x = step_method.correct(run, step, x)
+                    require(
+                        torch.isfinite(x).all(), lambda: "the state after the step holds NaN or inf"
+                    )
             if return_trajectory:
                 trajectory.append(x)
         extras = []

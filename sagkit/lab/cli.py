@@ -5,7 +5,7 @@
     sagkit bench [--model mixture|unet] [--dtype float32|float64] [--ns 8 16 64] [--solver ddim]
                  [--device auto|cpu|cuda] [--json]
     sagkit report [--fast] [--out DIR] [--sections NAME ...] [--device cpu|cuda]
-    sagkit sample PROMPT --style IMAGE [--preset NAME] [--seed S] [--out DIR]
+    sagkit sample PROMPT --style IMAGE [--preset NAME] [--seed S] [--out DIR] [--overwrite]
                   [--sd PATH] [--clip PATH] [--tiny] [every GuidanceConfig field: --guidance,
                   --n, --steps, --window LO HI, --repeats, --sampler, --gradient, ...]
     sagkit train digits|digits-unet|digits-classifier --out DIR [--steps N] [--evaluate]
@@ -214,11 +214,12 @@ def _sample(args) -> int:
         tiny=args.tiny,
         dtype=args.dtype,
         device=args.device,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         **guidance_options(args),
     )
     for path in paths:
-        print(f"wrote {path}")
+        print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0
 
 
@@ -240,8 +241,16 @@ def add_sample(subparsers) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**64) (default: 0)")
+    p.add_argument(
+        "--out",
+        default="samples",
+        help="output folder (default: samples); each image NAME.png has a NAME.json beside it "
+        "recording how to reproduce it",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing files of the same names"
+    )
     p.add_argument("--sd", default=None, help=f"pipeline folder (default ${SD_PATH_VARIABLE})")
     p.add_argument("--clip", default=None, help=f"CLIP folder (default ${CLIP_PATH_VARIABLE})")
     p.add_argument("--tiny", action="store_true", help="tiny random components (a dry run)")

@@ -43,32 +43,63 @@ number of a run, and the loss is now evaluated shard by shard, as the ranks do.)
 With ``out_dir`` every shard is written as it finishes, to
 ``<task>__<method>-n<n>__<first>-<end>.json`` (method: the step rule "none", "rms" — FreeDoM
 and SAG —, "dps" or "backward", or a preset's name;
-losses as JSON floats, samples as their raw bytes, both exact), with the settings it was run
-with; a rerun loads the shards it finds (and refuses a file written with other settings) and
-computes the rest. The settings do not cover the model's weights or the loss's definition:
-use a fresh folder when those change. Without a folder shared by the machines, a rank only
-sees its own machine's files; rank 0 writes every gathered shard it lacks, so its folder ends
-complete.
+losses as JSON floats, samples as their raw bytes, both exact), with its key: the settings
+that make its numbers. A rerun loads the shards it finds whose key equals the run's, bit for
+bit, and computes the rest. The key holds
+
+- ``version``: ``sagkit.__version__``;
+- ``task``: its ``name``, ``label``, the sha256 digests of its ``reference`` and ``mask``
+  (of each tensor's dtype, shape and bytes), and the loss's fingerprint: for a function its
+  module and qualified name, its default arguments and its closure (the variables it
+  captured), for a ``functools.partial`` its function and arguments, for a bound method its
+  function and object, for another callable object its class and attributes — recursively,
+  with numbers, strings, lists, tuples and dicts as they are, tensors and numpy arrays by
+  digest and torch modules by their class and the digest of their parameters and buffers (so
+  the weights of a classifier a loss calls are in it). Not in it: the code of a function
+  (its body, and the globals it reads, stand for themselves by name) and the insides of
+  objects without attributes (by class only). A loss that changes only there needs a fresh
+  ``out_dir``;
+- ``model``: its class, the digest of its parameters and buffers (the weights, and the
+  digits model's table of class embeddings), the digest of its schedule's log α on 1001
+  times in [0, 1], and its ``prediction_type``;
+- ``method``, ``n`` and ``options``: the method's whole configuration
+  (:meth:`~sagkit.guidance.config.GuidanceConfig.describe`);
+- ``samples`` (the shard's range [first, end)), ``seed``, and the model's ``dtype`` and
+  ``device`` type.
+
+The ``classifier`` argument is not in the key: it only scores the samples (accuracy and FD
+are computed from the samples at every run, loaded or not). Neither is ``batch_size``: it
+only cuts the range into shards, and a shard's numbers depend on its range alone, so a shard
+of a run in other batches is reused where its range comes back (tested). A file whose key
+differs is refused with a ``ValueError`` that names it and every difference (``key: stored
+vs now``); a file that cannot be read as a shard (cut short, not JSON, a field missing or
+malformed) is refused too, never recomputed over: delete it and run again to compute it.
+Without a folder shared by the machines, a rank only sees its own machine's files; rank 0
+writes every gathered shard it lacks, so its folder ends complete.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_count, check_name, check_scale
+from ..core.checks import check_count, check_folder, check_name, check_scale
 from ..digits.data import digits_dataset
 from ..digits.evaluation import evaluate_samples
 from ..guidance import losses
@@ -98,8 +129,10 @@ with 2 repeats for every method, DPS included, so that rows differ in the method
 class GuidanceTask:
     """A guidance loss with a name and, where it has one, the digit it should produce.
 
-    ``reference``: the image the loss compares with, (C, H, W), where it has one; ``mask``: for
-    a reconstruction task, the observed pixels (1 observed, 0 not), broadcastable to it.
+    ``name``: a non-empty string without "/" or "\\", distinct among a sweep's tasks (it names
+    the rows and the shard files). ``reference``: the image the loss compares with, (C, H, W),
+    where it has one; ``mask``: for a reconstruction task, the observed pixels (1 observed, 0
+    not), broadcastable to it.
     """
 
     name: str
@@ -181,9 +214,12 @@ def evaluate_guidance(
             ``repeats``, ``scale``).
         batch_size: samples per sampler call, and so per shard (the unit of work that ranks
             share and ``out_dir`` keeps).
+        seed: an integer >= 0; sample i's noise is a function of (seed, i).
         out_dir: a folder for one JSON file per (task, method, shard), written as each shard
-            finishes; a shard whose file is already there (written with the same settings) is
-            loaded instead of run, so a killed sweep resumes where it stopped.
+            finishes (created if missing); a shard whose file is already there, with the same
+            key (see the module docstring), is loaded instead of run, so a killed sweep
+            resumes where it stopped. A file with another key, or one that cannot be read as
+            a shard, is refused with a ``ValueError`` naming it.
         progress: progress bars (on rank 0 only).
     Under ``torchrun`` (after :func:`sagkit.lab.distributed.init_distributed`) the shards are
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
@@ -202,6 +238,7 @@ def evaluate_guidance(
         check_count(n, "ns entries")
     for value, name in ((num_samples, "num_samples"), (batch_size, "batch_size")):
         check_count(value, name)
+    check_count(seed, "seed", low=0)
     if dps_scale is not None:
         check_scale(dps_scale, "dps_scale")
     chosen = sorted({"guidance", "n"} & {k for k, v in options.items() if v is not None})
@@ -211,13 +248,11 @@ def evaluate_guidance(
         shared = GuidanceConfig.resolve(defaults=EVALUATION_DEFAULTS, **options)
     else:
         shared = config.replace(**options)
-    tasks = default_tasks(classifier) if tasks is None else tasks
+    tasks = default_tasks(classifier) if tasks is None else _checked_tasks(tasks)
+    out = None if out_dir is None else check_folder(out_dir, "out_dir")
     p = next(model.parameters())
     size = model.unet.config.sample_size
     rank, _ = rank_and_world()
-    out = None if out_dir is None else Path(out_dir)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     # The configuration of each computation. "sag" with n = 1 is "freedom" exactly (tested):
     # one computation per key serves both rows.
     plan = {}
@@ -238,9 +273,17 @@ def evaluate_guidance(
     bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
     units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
 
+    # The key of every shard (module docstring), its parts fingerprinted once per call.
+    from .. import __version__  # here, not at the top: sagkit/__init__ imports this module
+
+    task_keys = [_task_key(task) for task in tasks]
+    model_key = _model_key(model)
+
     def settings_of(t, key, lo, hi) -> dict:  # what a shard file must match to be reused
         return {
-            "task": tasks[t].name,
+            "version": __version__,
+            "task": task_keys[t],
+            "model": model_key,
             "method": key[0] or "none",
             "n": key[1],
             "samples": [lo, hi],
@@ -346,9 +389,145 @@ def _run_shard(model, loss, seed, lo, hi, size, config, *, progress) -> dict:
     return {"samples": x.detach().cpu(), "loss": values, "seconds": seconds}
 
 
+def _checked_tasks(tasks) -> list[GuidanceTask]:
+    """The tasks as a list; refuses what is not a task, names that cannot name a file, and
+    names used twice (they would share rows and shard files)."""
+    if isinstance(tasks, GuidanceTask) or not isinstance(tasks, Sequence):
+        raise TypeError(
+            "tasks must be a sequence of GuidanceTask, got "
+            + ("one GuidanceTask: pass [task]" if isinstance(tasks, GuidanceTask) else repr(tasks))
+        )
+    names = {}
+    for i, task in enumerate(tasks):
+        if not isinstance(task, GuidanceTask):
+            raise TypeError(f"tasks entries must be GuidanceTask, got {type(task).__name__}")
+        name = task.name
+        if not isinstance(name, str) or not name or {"/", "\\"} & set(name):
+            raise ValueError(
+                "tasks entries' names must be non-empty strings without '/' or '\\' "
+                f"(they name the shard files), got {name!r}"
+            )
+        if name in names:
+            raise ValueError(
+                f"tasks must have distinct names: {name!r} is the name of entries {names[name]} "
+                f"and {i}"
+            )
+        names[name] = i
+    return list(tasks)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """The first 16 hex digits of the sha256 of a tensor's dtype, shape and bytes."""
+    hasher = hashlib.sha256()
+    _hash_tensor(hasher, tensor)
+    return hasher.hexdigest()[:16]
+
+
+def _hash_tensor(hasher, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous()
+    hasher.update(f"{t.dtype} {tuple(t.shape)};".encode())
+    hasher.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """The digest of a module's parameters and buffers, by name, in their order."""
+    hasher = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        hasher.update(f"{name};".encode())
+        _hash_tensor(hasher, tensor)
+    return hasher.hexdigest()[:16]
+
+
+def _name_of(value) -> str:
+    """``module.qualname`` of a class or function."""
+    return f"{value.__module__}.{value.__qualname__}"
+
+
+def _fingerprint(value, path: tuple = ()):
+    """``value`` as JSON that changes where its numbers could (module docstring, the key's
+    ``task``); ``path``: the ids of the objects being described, so a cycle ends."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # as text: NaN equals itself
+    if isinstance(value, torch.Tensor):
+        return {"tensor": _digest(value)}
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return {"array": _digest(torch.from_numpy(np.ascontiguousarray(value)))}
+    if isinstance(value, numbers.Number):  # numpy scalars
+        return repr(value)
+    if isinstance(value, type):
+        return {"class": _name_of(value)}
+    if isinstance(value, types.ModuleType):
+        return {"module": value.__name__}
+    if id(value) in path:
+        return {"cycle": type(value).__qualname__}
+    path = (*path, id(value))
+    if isinstance(value, torch.nn.Module):
+        return {"module": _name_of(type(value)), "weights": _weights_digest(value)}
+    if isinstance(value, list | tuple):
+        return [_fingerprint(v, path) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _fingerprint(v, path) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {
+            "partial": _fingerprint(value.func, path),
+            "args": _fingerprint(value.args, path),
+            "keywords": _fingerprint(value.keywords, path),
+        }
+    if isinstance(value, types.MethodType):
+        return {
+            "method": _fingerprint(value.__func__, path),
+            "of": _fingerprint(value.__self__, path),
+        }
+    if isinstance(value, types.FunctionType):
+        cells = zip(value.__code__.co_freevars, value.__closure__ or (), strict=True)
+        return {
+            "function": _name_of(value),
+            "defaults": _fingerprint(value.__defaults__, path),
+            "keyword defaults": _fingerprint(value.__kwdefaults__, path),
+            "closure": {name: _fingerprint(_contents(cell), path) for name, cell in cells},
+        }
+    attributes = getattr(value, "__dict__", None)
+    if attributes is None:  # a builtin function, a C object: by name or class only
+        return {"object": getattr(value, "__qualname__", None) or _name_of(type(value))}
+    return {"object": _name_of(type(value)), "attributes": _fingerprint(dict(attributes), path)}
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable not bound yet
+        return {"unbound": True}
+
+
+def _task_key(task: GuidanceTask) -> dict:
+    """A task's part of the shard key."""
+    return {
+        "name": task.name,
+        "label": _fingerprint(task.label),
+        "reference": None if task.reference is None else _digest(torch.as_tensor(task.reference)),
+        "mask": None if task.mask is None else _digest(torch.as_tensor(task.mask)),
+        "loss": _fingerprint(task.loss),
+    }
+
+
+def _model_key(model) -> dict:
+    """The model's part of the shard key: class, weights, schedule and what the network
+    predicts."""
+    times = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    return {
+        "class": _name_of(type(model)),
+        "weights": _weights_digest(model),
+        "schedule": _digest(model.schedule.log_alpha(times)),
+        "prediction_type": getattr(model, "prediction_type", None),
+    }
+
+
 def _shard_name(settings: dict) -> str:
     lo, hi = settings["samples"]
-    return f"{settings['task']}__{settings['method']}-n{settings['n']}__{lo:06d}-{hi:06d}.json"
+    task, method, n = settings["task"]["name"], settings["method"], settings["n"]
+    return f"{task}__{method}-n{n}__{lo:06d}-{hi:06d}.json"
 
 
 def _write_shard(path: Path, settings: dict, result: dict) -> None:
@@ -370,17 +549,83 @@ def _write_shard(path: Path, settings: dict, result: dict) -> None:
 
 
 def _read_shard(path: Path, settings: dict) -> dict:
-    record = json.loads(path.read_text())
+    """The shard in ``path``, exactly as written; a ``ValueError`` naming the file if its key
+    is not ``settings`` (with every difference) or if it cannot be read as a shard."""
+    try:
+        record = json.loads(path.read_text())
+    except OSError as err:
+        raise _unreadable(path, f"cannot be read: {err.strerror}") from None
+    except ValueError as err:  # not JSON, or not text
+        raise _unreadable(path, f"not JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise _unreadable(path, "not a JSON object")
+    missing = [k for k in ("settings", "seconds", "loss", "samples") if k not in record]
+    if missing:
+        raise _unreadable(path, f"missing {', '.join(missing)}")
+    if not isinstance(record["settings"], dict):
+        raise _unreadable(path, "settings is not a JSON object")
     if record["settings"] != settings:
+        differences = "; ".join(_differences(record["settings"], settings))
         raise ValueError(
-            f"{path} was written with other settings ({record['settings']}, now {settings}); "
-            "use another out_dir or delete the file"
+            f"{path} was written with other settings (stored vs now: {differences}): "
+            "use another out_dir, or delete the file"
         )
-    s = record["samples"]
-    raw = bytearray(base64.b64decode(s["base64"]))
-    x = torch.frombuffer(raw, dtype=torch.uint8).view(getattr(torch, s["dtype"]))
-    loss = torch.tensor(record["loss"], dtype=torch.float64)
-    return {"samples": x.reshape(s["shape"]), "loss": loss, "seconds": record["seconds"]}
+    count = settings["samples"][1] - settings["samples"][0]
+    values, seconds = record["loss"], record["seconds"]
+    if not isinstance(values, list) or len(values) != count or not all(map(_is_real, values)):
+        raise _unreadable(path, f"loss must be {count} numbers")
+    if not _is_real(seconds) or not seconds >= 0:
+        raise _unreadable(path, f"seconds must be a number >= 0, got {seconds!r}")
+    try:
+        s = record["samples"]
+        dtype = getattr(torch, s["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{s['dtype']!r} is not a dtype")
+        raw = bytearray(base64.b64decode(s["base64"], validate=True))
+        x = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(s["shape"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _unreadable(path, f"samples: {str(err).splitlines()[0]}") from None
+    if len(x) != count:
+        raise _unreadable(path, f"samples: {len(x)}, expected {count}")
+    loss = torch.tensor(values, dtype=torch.float64)
+    return {"samples": x, "loss": loss, "seconds": seconds}
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable shard file ({reason}); delete it and run again to compute "
+        "the shard anew"
+    )
+
+
+def _differences(stored: dict, now: dict) -> list[str]:
+    """``key: stored vs now`` for every leaf where two keys differ (dotted paths, JSON values)."""
+    old, new = dict(_leaves(stored)), dict(_leaves(now))
+    absent = object()
+    return [
+        f"{k}: {_shown(old.get(k, absent), absent)} vs {_shown(new.get(k, absent), absent)}"
+        for k in [*new, *(k for k in old if k not in new)]
+        if old.get(k, absent) != new.get(k, absent)
+    ]
+
+
+def _leaves(value, prefix: str = ""):
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list) and value:
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def _shown(value, absent) -> str:
+    return "absent" if value is absent else json.dumps(value)
 
 
 def guidance_table(rows: Sequence[dict], *, baseline: str = "freedom") -> str:

@@ -3,20 +3,32 @@
 The pipeline and the CLIP vision model are read from local folders (``--sd`` / ``--clip``,
 or the environment variables ``SAGKIT_SD_PATH`` / ``SAGKIT_CLIP_PATH``), never downloaded;
 ``--tiny`` uses the random tiny components of :mod:`sagkit.sd.tiny` instead, to try the
-command offline. The loss is :class:`sagkit.sd.clip.StyleLoss` against ``--style``.
+command offline. The loss is :class:`sagkit.sd.clip.StyleLoss` against ``--style``. Each image
+is written with a JSON sidecar that reproduces it; existing files are kept unless
+``--overwrite``.
 """
 
 from __future__ import annotations
 
+import json
+import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.checks import check_count, check_folder
 from ..core.device import resolve_device
 
-__all__ = ["SD_PATH_VARIABLE", "CLIP_PATH_VARIABLE", "local_folder", "read_image", "sample"]
+__all__ = [
+    "SD_PATH_VARIABLE",
+    "CLIP_PATH_VARIABLE",
+    "local_folder",
+    "read_image",
+    "output_folder",
+    "sample",
+]
 
 SD_PATH_VARIABLE = "SAGKIT_SD_PATH"
 CLIP_PATH_VARIABLE = "SAGKIT_CLIP_PATH"
@@ -44,24 +56,41 @@ def read_image(path: str | Path, *, option: str = "--style") -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
 
 
-def _components(*, sd: str | None, clip: str | None, tiny: bool, dtype, device):
-    """(pipeline, CLIP vision model): the tiny random ones or loaded from local folders."""
-    if tiny:
+def _components(weights: tuple[Path, Path] | None, *, dtype, device):
+    """(pipeline, CLIP vision model): the tiny random ones (``weights`` None) or loaded from
+    the local folders ``weights`` = (pipeline, CLIP)."""
+    if weights is None:
         from ..sd.tiny import tiny_clip_vision, tiny_pipeline
 
         return tiny_pipeline(dtype=dtype).to(device), tiny_clip_vision(dtype=dtype).to(device)
-    sd_path = local_folder(sd, SD_PATH_VARIABLE, "--sd", "a diffusers StableDiffusionPipeline")
-    clip_path = local_folder(clip, CLIP_PATH_VARIABLE, "--clip", "a transformers CLIP model")
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        sd_path, torch_dtype=dtype, local_files_only=True
+        weights[0], torch_dtype=dtype, local_files_only=True
     ).to(device)
     vision = CLIPVisionModelWithProjection.from_pretrained(
-        clip_path, torch_dtype=dtype, local_files_only=True
+        weights[1], torch_dtype=dtype, local_files_only=True
     )
     return pipe, vision.to(device).eval().requires_grad_(False)
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def output_folder(out: str | Path, names: list[str], *, overwrite: bool = False) -> Path:
+    """The folder ``out`` (:func:`~sagkit.core.checks.check_folder`), where none of the files
+    ``names`` exists unless ``overwrite``; errors name ``--out``."""
+    out = check_folder(out, "--out")
+    taken = [name for name in names if (out / name).exists()]
+    if taken and not overwrite:
+        shown = ", ".join(taken[:4]) + (f" and {len(taken) - 4} more" if len(taken) > 4 else "")
+        raise ValueError(
+            f"--out: {shown} already exist{'s' if len(taken) == 1 else ''} in {str(out)!r}; "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+    return out
 
 
 def sample(
@@ -78,22 +107,37 @@ def sample(
     tiny: bool = False,
     dtype: str | None = None,
     device=None,
+    overwrite: bool = False,
     progress: bool = True,
     **options,
 ) -> list[Path]:
     """Sample ``num_images`` images of ``prompt`` guided towards the style of the image file
     ``style`` (no file for ``guidance="none"``); write them as PNG to ``out``; return the paths.
 
+    Image i is ``{guidance or preset}-seed{seed}-{i:03d}.png``, beside a JSON file of the same
+    stem recording what reproduces it: the prompts, the seed, i and ``num_images`` (the batch
+    drawn from the seed), the preset, every field of the resolved
+    :class:`~sagkit.guidance.config.GuidanceConfig`, the style image, the weights, the dtype,
+    the device and the sagkit version. Existing files of those names are refused unless
+    ``overwrite``.
+
     ``options`` are fields of :class:`~sagkit.guidance.config.GuidanceConfig`, over the
     ``preset`` and the pipeline's defaults (:meth:`sagkit.sd.GuidedStableDiffusion.defaults`:
-    SAG with a style image).
+    SAG with a style image), resolved as the pipeline resolves them.
 
+    ``seed``: an integer in [0, 2**64) (what ``torch.Generator.manual_seed`` takes).
     ``dtype``: "float16" (default on CUDA), "bfloat16" or "float32" (default on the CPU), the
     weights' dtype; sagkit's latents and gradients stay float32.
     """
+    from .. import __version__
+    from ..guidance.config import GuidanceConfig
     from ..sd.clip import StyleLoss
     from ..sd.pipeline import GuidedStableDiffusion
 
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
+    seed = int(seed)
+    check_count(num_images, "--num-images")
     device = resolve_device(device)
     guidance = options.get("guidance")
     if guidance is None and preset is None:
@@ -104,26 +148,56 @@ def sample(
     dtype = dtype or ("float16" if device.type == "cuda" else "float32")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be float16, bfloat16 or float32, got {dtype!r}")
-    pipe, vision = _components(
-        sd=sd, clip=clip, tiny=tiny, dtype=getattr(torch, dtype), device=device
+    weights = None
+    if not tiny:
+        sd_path = local_folder(sd, SD_PATH_VARIABLE, "--sd", "a diffusers StableDiffusionPipeline")
+        clip_path = local_folder(clip, CLIP_PATH_VARIABLE, "--clip", "a transformers CLIP model")
+        weights = sd_path, clip_path
+    stems = [f"{guidance or preset}-seed{seed}-{i:03d}" for i in range(num_images)]
+    out = output_folder(
+        out, [stem + ext for stem in stems for ext in (".png", ".json")], overwrite=overwrite
     )
+    pipe, vision = _components(weights, dtype=getattr(torch, dtype), device=device)
     loss = (
         None if reference is None or guidance == "none" else StyleLoss(vision, reference.to(device))
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = GuidedStableDiffusion.from_pipe(pipe)(
-        prompt,
-        negative_prompt,
-        loss_fn=loss,
+    guided = GuidedStableDiffusion.from_pipe(pipe)
+    cond, null = guided.encode(
+        prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images
+    )
+    config = GuidanceConfig.resolve(
         preset=preset,
-        num_images_per_prompt=num_images,
-        generator=torch.Generator(device).manual_seed(seed),
-        progress=progress,
+        model=guided.model(null),
+        cond=cond,
+        defaults=guided.defaults(loss),
         **options,
     )
+    result = guided(
+        prompt_embeds=cond,
+        negative_prompt_embeds=null,
+        loss_fn=loss,
+        config=config,
+        generator=torch.Generator(device).manual_seed(seed),
+        progress=progress,
+    )
+    record = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "num_images": num_images,
+        "preset": preset,
+        "guidance": config.describe(),
+        "loss": None if loss is None else {"name": "StyleLoss", "layer": loss.layer},
+        "style": None if style is None else _absolute(style),
+        "weights": "tiny" if tiny else {"sd": _absolute(sd_path), "clip": _absolute(clip_path)},
+        "dtype": dtype,
+        "device": device.type,
+        "sagkit": __version__,
+    }
     paths = []
-    for i, image in enumerate(result.images):
-        paths.append(out / f"{guidance or preset}-seed{seed}-{i:03d}.png")
+    for i, (stem, image) in enumerate(zip(stems, result.images, strict=True)):
+        paths.append(out / f"{stem}.png")
         image.save(paths[-1])
+        sidecar = {"image": paths[-1].name, "index": i, **record}
+        (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return paths

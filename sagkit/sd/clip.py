@@ -1,7 +1,10 @@
 """The losses of SAG's Stable Diffusion tasks, on transformers CLIP models the caller passes in.
 
 Every loss maps decoded images (B, 3, H, W) in [-1, 1] (the VAE's range) to (B,) values, so it
-is a ``loss_fn`` of :class:`sagkit.sd.pipeline.GuidedStableDiffusion`:
+is a ``loss_fn`` of :class:`sagkit.sd.pipeline.GuidedStableDiffusion`. A reference image is in
+[-1, 1] too: one of another dtype or outside that range (8-bit pixels: convert them with
+x / 127.5 - 1) is refused, but a float reference in [0, 1] cannot be told from a valid one by
+its values; convert it with 2x - 1.
 
     StyleLoss(vision, reference)        ‖G(x) − G(ref)‖_F, G the Gram matrix of an
                                         intermediate layer's patch tokens (style transfer)
@@ -72,9 +75,24 @@ def preprocess(
     ``CLIPImageProcessor`` does the same on 8-bit images, rounding to integers after each of
     PIL's two resampling passes: the two differ by at most (1 + S)/(2·255)/min std, S the
     largest absolute row sum of the second pass's weights (docs/maths.md §11.2; tested).
+
+    Raises:
+        TypeError: ``images`` is not a floating-point tensor (8-bit pixels: x / 127.5 - 1).
+        ValueError: ``images`` is not (B, 3, H, W) with H, W >= 1.
     """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got {type(images).__name__}"
+        )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be floating point in [-1, 1], got {images.dtype} (convert 0..255 "
+            "pixels with x / 127.5 - 1)"
+        )
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if 0 in images.shape[2:]:
+        raise ValueError(f"images must have H, W >= 1, got shape {tuple(images.shape)}")
     crop = size if crop is None else crop
     h, w = resized_size(images.shape[2], images.shape[3], size)
     if min(h, w) < crop:
@@ -157,12 +175,33 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1 - F.cosine_similarity(a, b.expand_as(a), dim=-1, eps=1e-12)
 
 
-def _reference(reference: torch.Tensor) -> torch.Tensor:
+def _reference(reference) -> torch.Tensor:
+    """The reference image as (1, 3, H, W), checked: a float tensor, finite, in [-1, 1]."""
+    if not isinstance(reference, torch.Tensor):
+        raise TypeError(
+            "reference must be a torch.Tensor, one image (3, H, W) or (1, 3, H, W) in [-1, 1], "
+            f"got {type(reference).__name__}"
+        )
     reference = reference[None] if reference.ndim == 3 else reference
     if reference.ndim != 4 or reference.shape[:2] != (1, 3):
         raise ValueError(
             f"reference must be one image (3, H, W) or (1, 3, H, W) in [-1, 1], got "
             f"{tuple(reference.shape)}"
+        )
+    if 0 in reference.shape[2:]:
+        raise ValueError(f"reference must have H, W >= 1, got shape {tuple(reference.shape)}")
+    if not reference.is_floating_point():
+        raise TypeError(
+            f"reference must be a float image in [-1, 1], got {reference.dtype}: convert 0..255 "
+            "pixels with x / 127.5 - 1"
+        )
+    if not bool(torch.isfinite(reference).all()):
+        raise ValueError("reference contains NaN or inf; it must be an image in [-1, 1]")
+    low, high = float(reference.min()), float(reference.max())
+    if low < -1 or high > 1:
+        raise ValueError(
+            f"reference must be in [-1, 1] (the VAE's range), got values in [{low:g}, {high:g}]: "
+            "convert 0..255 pixels with x / 127.5 - 1"
         )
     return reference
 
@@ -173,7 +212,10 @@ class StyleLoss:
     Args:
         vision_model: a transformers ``CLIPVisionModel`` (or ``...WithProjection``).
         reference: the style image, (3, H, W) or (1, 3, H, W) in [-1, 1], any size
-            (:func:`preprocess` brings it to CLIP's input as it does the samples).
+            (:func:`preprocess` brings it to CLIP's input as it does the samples). Another
+            dtype or values outside [-1, 1] are refused (8-bit pixels: x / 127.5 - 1); a float
+            image in [0, 1] cannot be told from a valid one by its values: convert it with
+            2x - 1 yourself.
         layer: the encoder layer whose patch tokens make G (0-based; default 2, the third
             block, the official code's choice).
         mean, std: the processor's normalisation (default OpenAI CLIP's).
@@ -214,13 +256,22 @@ class _EmbeddingLoss:
         """e(x), (B, E)."""
         return image_embeddings(self.vision_model, images, mean=self.mean, std=self.std)
 
+    def grey_embeddings(self, batch: int) -> torch.Tensor:
+        """e of ``batch`` mid-grey images (zeros), (batch, E), without gradient: what a loss
+        checks its other inputs against when it is built."""
+        size = self.vision_model.config.image_size
+        grey = torch.zeros(batch, 3, size, size, device=self.vision_model.device)
+        with torch.no_grad():
+            return self.embed(grey)
+
 
 class ImageSimilarityLoss(_EmbeddingLoss):
     """CLIP-I as a loss: L(x) = 1 − cos(e(x), e(ref)), (B,) in [0, 2].
 
     Args:
         vision_model: a ``CLIPVisionModelWithProjection`` (or ``CLIPVisionModel``).
-        reference: (3, H, W) or (1, 3, H, W) in [-1, 1].
+        reference: (3, H, W) or (1, 3, H, W) in [-1, 1], checked as :class:`StyleLoss`'s (a
+            float image in [0, 1] cannot be told from a valid one: convert it with 2x - 1).
 
     (docs/maths.md §11.4)
     """
@@ -247,7 +298,8 @@ class TextSimilarityLoss(_EmbeddingLoss):
 
     Args:
         vision_model: a ``CLIPVisionModelWithProjection`` (or ``CLIPVisionModel``).
-        text_embeds: t, (1, E) or (B, E), from the same CLIP (:func:`text_embeddings`).
+        text_embeds: t, (1, E) or (B, E), from the same CLIP (:func:`text_embeddings`); E is
+            checked against the vision model's embedding when the loss is built.
 
     (docs/maths.md §11.4)
     """
@@ -261,14 +313,30 @@ class TextSimilarityLoss(_EmbeddingLoss):
         std: Sequence[float] = OPENAI_CLIP_STD,
     ):
         super().__init__(vision_model, mean, std)
+        if not isinstance(text_embeds, torch.Tensor):
+            raise TypeError(
+                f"text_embeds must be a torch.Tensor (1, E) or (B, E), got "
+                f"{type(text_embeds).__name__}"
+            )
         if text_embeds.ndim != 2:
             raise ValueError(
                 f"text_embeds must have shape (1, E) or (B, E), got {tuple(text_embeds.shape)}"
+            )
+        width = self.grey_embeddings(1).shape[-1]
+        if text_embeds.shape[1] != width:
+            raise ValueError(
+                f"text_embeds must have width E = {width} (this CLIP's image embedding), got "
+                f"{tuple(text_embeds.shape)}: embed the text with the same CLIP"
             )
         self.text_embeds = text_embeds.detach()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         e = self.embed(images)
+        if self.text_embeds.shape[0] not in (1, e.shape[0]):
+            raise ValueError(
+                f"text_embeds has batch {self.text_embeds.shape[0]} for {e.shape[0]} images: "
+                "give one text embedding (1, E) or one per image (B, E)"
+            )
         return cosine_distance(e, self.text_embeds.to(e))
 
 
@@ -278,7 +346,8 @@ class AestheticLoss(_EmbeddingLoss):
     Args:
         vision_model: the CLIP the head was trained on (a ``...WithProjection``).
         head: h, a module mapping normalised embeddings (B, E) to scores (B, 1) or (B,)
-            (e.g. a linear layer loaded with an aesthetic predictor's weights).
+            (e.g. a linear layer loaded with an aesthetic predictor's weights); checked on two
+            grey images' embeddings when the loss is built.
         best: s_max, the top of the score scale (10 for LAION's predictor), so that L ≥ 0
             for scores on that scale (DPS's step needs L ≥ 0).
 
@@ -296,10 +365,23 @@ class AestheticLoss(_EmbeddingLoss):
     ):
         super().__init__(vision_model, mean, std)
         self.head, self.best = head, float(best)
+        e = self.grey_embeddings(2)
+        expected = f"head must map normalised embeddings (B, {e.shape[1]}) to scores (B, 1) or (B,)"
+        try:
+            with torch.no_grad():
+                score = self.score(e)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{expected}; it fails on (2, {e.shape[1]}): {' '.join(str(error).split())}"
+            ) from None
+        if tuple(score.shape) not in ((2,), (2, 1)):
+            raise ValueError(f"{expected}, got {tuple(score.shape)} for B = 2")
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """h(e/‖e‖) of embeddings (B, E), as the head returns it, in the embeddings' dtype."""
+        e = embeddings / embeddings.norm(dim=-1, keepdim=True)
+        weight = next(self.head.parameters(), None)
+        return self.head(e if weight is None else e.to(weight.dtype)).to(e)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        e = self.embed(images)
-        e = e / e.norm(dim=-1, keepdim=True)
-        weight = next(self.head.parameters(), None)
-        score = self.head(e if weight is None else e.to(weight.dtype)).to(e)
-        return self.best - score.reshape(images.shape[0])
+        return self.best - self.score(self.embed(images)).reshape(images.shape[0])

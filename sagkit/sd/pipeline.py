@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..core.checks import check_count
 from ..core.models import working_dtype
 from ..guidance.config import DEFAULTS, GuidanceConfig
 from ..guidance.sampler import guided_sample
@@ -89,6 +90,15 @@ class GuidedStableDiffusion:
             raise ValueError("give prompt (a string or a list of strings) or prompt_embeds")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is not None and not isinstance(prompt, str):
+            if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+                raise TypeError(
+                    f"prompt must be a string or a list of strings, got {_kind(prompt)}"
+                )
+            if not prompt:
+                raise ValueError("prompt must be a string or a non-empty list of strings, got []")
+            prompt = list(prompt)  # diffusers takes a list, not any sequence
+        check_count(num_images_per_prompt, "num_images_per_prompt")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(
                 "negative_prompt must be one string (it is the unconditional embedding of the "
@@ -99,8 +109,15 @@ class GuidedStableDiffusion:
                 "negative_prompt_embeds must have batch size 1 (one unconditional embedding), "
                 f"got shape {tuple(negative_prompt_embeds.shape)}"
             )
-        if negative_prompt is not None and not isinstance(prompt, (str, type(None))):
-            negative_prompt = [negative_prompt] * len(prompt)  # diffusers wants prompt's type
+        # diffusers wants one negative prompt (of prompt's type) or embedding per prompt
+        if isinstance(prompt, str):
+            batch = 1
+        else:
+            batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if negative_prompt is not None and not isinstance(prompt, str):
+            negative_prompt = [negative_prompt] * batch
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.expand(batch, -1, -1)
         cond, null = self.pipe.encode_prompt(
             prompt,
             self.device,
@@ -122,9 +139,14 @@ class GuidedStableDiffusion:
 
     def initial_noise(self, batch: int, *, height: int, width: int, generator=None) -> torch.Tensor:
         """x_T (B, C, h, w), h = height / f, w = width / f (f the VAE's downsampling), drawn as
-        the pipeline draws its latents (before its ``init_noise_sigma``)."""
+        the pipeline draws its latents (before its ``init_noise_sigma``): ``generator`` is
+        ``None``, one ``torch.Generator`` or a list of B of them (one per image)."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        check_count(batch, "batch")
+        check_count(height, "height")
+        check_count(width, "width")
+        _check_generator(generator, batch)
         factor = self.pipe.vae_scale_factor
         if height % factor or width % factor:
             raise ValueError(
@@ -168,11 +190,13 @@ class GuidedStableDiffusion:
                 e.g. :class:`sagkit.sd.clip.StyleLoss`; ``None`` with ``guidance="none"``.
             config: every choice of guided sampling; not with ``preset``.
             preset: "sag-paper", "freedom-paper" or "dps-paper".
-            height, width: image size (default the UNet's sample size times the VAE's factor).
+            height, width: image size, positive multiples of the VAE's factor f (default the
+                UNet's sample size times f; with ``latents``, their size times f).
             num_images_per_prompt: images per prompt; the batch is B = prompts × this.
-            generator: a ``torch.Generator`` (or one per image, as diffusers accepts) for the
-                initial noise; the first also drives time travel and stochastic schedulers.
-            latents: x_T (B, C, h, w) instead of drawing it.
+            generator: a ``torch.Generator`` (or a list of B, one per image, as diffusers
+                accepts) for the initial noise; the first also drives time travel and
+                stochastic schedulers.
+            latents: x_T (B, C, h, w) instead of drawing it (C the UNet's ``in_channels``).
             output_type: "pil" (default), "np", "pt" (images in [0, 1]) or "latent".
             return_losses: also return L along the run (see :func:`sagkit.guided_sample`),
                 (steps + 1, B).
@@ -205,17 +229,18 @@ class GuidedStableDiffusion:
             raise ValueError(
                 "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
             )
+        batch = cond.shape[0]
         if latents is None:
-            factor = self.pipe.vae_scale_factor
-            size = self.pipe.unet.config.sample_size * factor
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
             latents = self.initial_noise(
-                cond.shape[0], height=height or size, width=width or size, generator=generator
+                batch,
+                height=size if height is None else height,
+                width=size if width is None else width,
+                generator=generator,
             )
-        elif latents.shape[0] != cond.shape[0]:
-            raise ValueError(
-                f"latents must have batch size {cond.shape[0]} (prompts × num_images_per_prompt), "
-                f"got shape {tuple(latents.shape)}"
-            )
+        else:
+            _check_generator(generator, batch)
+            self._check_latents(latents, batch, height=height, width=width)
         result = guided_sample(
             model,
             None if loss_fn is None else self.latent_loss(loss_fn),
@@ -230,6 +255,35 @@ class GuidedStableDiffusion:
         z, losses = result if return_losses else (result, None)
         output = self.decode(z, output_type=output_type, generator=generator)
         return (output, losses) if return_losses else output
+
+    def _check_latents(self, latents, batch: int, *, height=None, width=None) -> None:
+        """Raise unless ``latents`` is a tensor (``batch``, C, h, w), C the UNet's
+        ``in_channels``, h, w >= 1, and ``height``, ``width`` (where given) are h·f, w·f."""
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(
+                f"latents must be a torch.Tensor (B, C, h, w), got {type(latents).__name__}"
+            )
+        channels = self.pipe.unet.config.in_channels
+        if latents.ndim != 4 or latents.shape[1] != channels or 0 in latents.shape[2:]:
+            raise ValueError(
+                f"latents must have shape ({batch}, {channels}, h, w) (B, the UNet's in_channels, "
+                f"h, w >= 1), got {tuple(latents.shape)}"
+            )
+        if latents.shape[0] != batch:
+            raise ValueError(
+                f"latents must have batch size {batch} (prompts × num_images_per_prompt), "
+                f"got shape {tuple(latents.shape)}"
+            )
+        factor = self.pipe.vae_scale_factor
+        for name, given, side in (
+            ("height", height, latents.shape[2]),
+            ("width", width, latents.shape[3]),
+        ):
+            if given is not None and given != side * factor:
+                raise ValueError(
+                    f"{name} must be {side * factor} for latents of shape {tuple(latents.shape)} "
+                    f"(the VAE's factor {factor}), or left out; got {given!r}"
+                )
 
     def defaults(self, loss_fn: Callable | None = None) -> dict:
         """The pipeline's defaults, over sagkit's (:data:`sagkit.guidance.config.DEFAULTS`):
@@ -259,3 +313,29 @@ class GuidedStableDiffusion:
             image, output_type=output_type, do_denormalize=keep
         )
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def _check_generator(generator, batch: int) -> None:
+    """Raise unless ``generator`` is ``None``, one ``torch.Generator`` or a list of ``batch``
+    of them (diffusers refuses a list of another length)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list) or not all(
+        isinstance(g, torch.Generator) for g in generator
+    ):
+        raise TypeError(
+            f"generator must be a torch.Generator or a list of them, got {_kind(generator)}"
+        )
+    if len(generator) != batch:
+        raise ValueError(
+            f"generator must be one torch.Generator or a list of one per image, got a list of "
+            f"{len(generator)} for a batch of {batch} (prompts × num_images_per_prompt)"
+        )
+
+
+def _kind(value) -> str:
+    """The type of ``value``, and of its items for a list or tuple: "list of int"."""
+    if isinstance(value, (list, tuple)) and value:
+        items = sorted({type(v).__name__ for v in value})
+        return f"{type(value).__name__} of {', '.join(items)}"
+    return type(value).__name__

@@ -147,8 +147,15 @@ def test_scheduler_base_times_and_refusals(digits_model):
     assert base.times[-1] == 0.0  # DDPM ends at ᾱ = 1
     ddim = _scheduler("DDIMScheduler", digits_model, set_alpha_to_one=False)
     assert SchedulerBase(ddim, digits_model, 10).times[-1] == 1 / n_train  # stops at ᾱ[0]
+    # diffusers' from_config takes Heun's own default betas where the model's config only had
+    # defaults (its "_use_default_values"): another schedule, refused as such; given the
+    # model's betas, Heun is refused for its repeated timesteps
+    heun = _scheduler("HeunDiscreteScheduler", digits_model)
+    with pytest.raises(ValueError, match="another training schedule"):
+        SchedulerBase(heun, digits_model, 10)
+    betas = {k: digits_model.scheduler.config[k] for k in ("beta_start", "beta_end")}
     with pytest.raises(ValueError, match="repeated timestep"):
-        SchedulerBase(_scheduler("HeunDiscreteScheduler", digits_model), digits_model, 10)
+        SchedulerBase(_scheduler("HeunDiscreteScheduler", digits_model, **betas), digits_model, 10)
     with pytest.raises(TypeError, match="diffusers scheduler"):
         SchedulerBase(object(), digits_model, 10)
     with pytest.raises(ValueError, match="sampler must be"):

@@ -73,7 +73,7 @@ def test_evaluation_resumes_from_shard_files(digits_model, classifier, tmp_path,
         assert torch.equal(a["per_sample"], c["per_sample"])
         assert (a["fd"], a["accuracy"]) == (c["fd"], c["accuracy"])
         assert c["sec_per_sample"] > 0
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(stored vs now: seed: 0 vs 1\)"):
         evaluate_guidance(digits_model, classifier, out_dir=tmp_path, **options | {"seed": 1})
 
 

@@ -32,6 +32,8 @@ def style(tmp_path):
         (["--tiny", "--guidance", "sag"], "--style"),  # guidance needs a style image
         (["--tiny", "--n", "0"], "--n"),
         (["--tiny", "--preset", "nope"], "--preset"),
+        (["--tiny", "--seed", "-1"], "--seed"),  # torch would alias it to 2**64 - 1
+        (["--tiny", "--seed", str(2**64)], "--seed"),  # torch's overflow message
     ],
 )
 def test_errors_are_one_line_naming_the_option(capsys, monkeypatch, style, extra, names):
@@ -52,6 +54,10 @@ def test_tiny_run_writes_images(capsys, tmp_path, style):
     paths = sorted((tmp_path / "out").glob("*.png"))
     assert [p.name for p in paths] == ["sag-seed0-000.png", "sag-seed0-001.png"]
     assert Image.open(paths[0]).size == (32, 32)
+    sidecars = sorted(
+        (tmp_path / "out").glob("*.json")
+    )  # their contents: tests/bad_inputs/test_sd.py
+    assert [p.stem for p in sidecars] == [p.stem for p in paths]
 
 
 def test_run_from_saved_folders(monkeypatch, tmp_path, style):
