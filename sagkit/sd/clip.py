@@ -345,9 +345,9 @@ class AestheticLoss(_EmbeddingLoss):
 
     Args:
         vision_model: the CLIP the head was trained on (a ``...WithProjection``).
-        head: h, a module mapping normalised embeddings (B, E) to scores (B, 1) or (B,)
-            (e.g. a linear layer loaded with an aesthetic predictor's weights); checked on two
-            grey images' embeddings when the loss is built.
+        head: h, a module (or a function) mapping normalised embeddings (B, E) to scores
+            (B, 1) or (B,) (e.g. a linear layer loaded with an aesthetic predictor's weights);
+            checked on two grey images' embeddings when the loss is built.
         best: s_max, the top of the score scale (10 for LAION's predictor), so that L ≥ 0
             for scores on that scale (DPS's step needs L ≥ 0).
 
@@ -364,6 +364,10 @@ class AestheticLoss(_EmbeddingLoss):
         std: Sequence[float] = OPENAI_CLIP_STD,
     ):
         super().__init__(vision_model, mean, std)
+        if not callable(head):
+            raise TypeError(
+                f"head must be a module or function of embeddings, got {type(head).__name__}"
+            )
         self.head, self.best = head, float(best)
         e = self.grey_embeddings(2)
         expected = f"head must map normalised embeddings (B, {e.shape[1]}) to scores (B, 1) or (B,)"
@@ -380,7 +384,8 @@ class AestheticLoss(_EmbeddingLoss):
     def score(self, embeddings: torch.Tensor) -> torch.Tensor:
         """h(e/‖e‖) of embeddings (B, E), as the head returns it, in the embeddings' dtype."""
         e = embeddings / embeddings.norm(dim=-1, keepdim=True)
-        weight = next(self.head.parameters(), None)
+        parameters = getattr(self.head, "parameters", None)  # a module runs in its dtype
+        weight = None if parameters is None else next(parameters(), None)
         return self.head(e if weight is None else e.to(weight.dtype)).to(e)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,22 @@ class GuidedStableDiffusion:
                 raise ValueError("prompt must be a string or a non-empty list of strings, got []")
             prompt = list(prompt)  # diffusers takes a list, not any sequence
         check_count(num_images_per_prompt, "num_images_per_prompt")
+        width = self.pipe.unet.config.cross_attention_dim
+        for name, embeds in (
+            ("prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+                raise TypeError(
+                    f"{name} must be a floating tensor (B, L, {width}), got {_kind(embeds)}"
+                )
+            if embeds.ndim != 3 or embeds.shape[2] != width or 0 in embeds.shape[:2]:
+                raise ValueError(
+                    f"{name} must have shape (B, L, {width}) (the UNet's cross_attention_dim), "
+                    f"got {tuple(embeds.shape)}"
+                )
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(
                 "negative_prompt must be one string (it is the unconditional embedding of the "

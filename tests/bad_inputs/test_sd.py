@@ -24,6 +24,7 @@ stderr naming the option):
     text-embeds-1d                      G → ValueError
     text-embeds-batch-3-for-2           B → ValueError
     aesthetic-head-3-scores             B → ValueError
+    aesthetic-head-not-callable         B → TypeError
     aesthetic-head-wrong-input          B → ValueError
     pipe-prompt-empty-list              B → ValueError
     encode-prompt-empty-list            B → ValueError
@@ -39,6 +40,10 @@ stderr naming the option):
     pipe-latents-3-channels             B → ValueError
     pipe-latents-rank-3                 B → ValueError
     pipe-latents-list                   B → TypeError
+    pipe-prompt-embeds-other-width      B → ValueError
+    pipe-prompt-embeds-rank-2           B → ValueError
+    pipe-prompt-embeds-integer          B → TypeError
+    pipe-negative-embeds-other-width    B → ValueError
     pipe-latents-batch                  G → ValueError
     pipe-height-other-than-latents      W → ValueError
     pipe-height-0                       W → ValueError
@@ -340,6 +345,13 @@ ROWS = [
         r"head must map .*\(B, 1\) or \(B,\).*got \(2, 3\)",
     ),
     (
+        "aesthetic-head-not-callable",
+        "B",  # AttributeError: 'float' object has no attribute 'parameters'
+        lambda: AestheticLoss(vision(), 3.0),
+        TypeError,
+        r"head must be a module or function of embeddings, got float",
+    ),
+    (
         "aesthetic-head-wrong-input",
         "B",
         lambda: AestheticLoss(vision(), torch.nn.Linear(2 * EMBED, 1))(images()),
@@ -432,6 +444,34 @@ ROWS = [
         lambda: run(latents=[[0.0]]),
         TypeError,
         "latents must be a torch.Tensor",
+    ),
+    (
+        "pipe-prompt-embeds-other-width",
+        "B",  # the text encoder's "Sequence length must be less than max_position_embeddings"
+        lambda: run(None, prompt_embeds=torch.randn(1, 8, 16)),
+        ValueError,
+        r"prompt_embeds must have shape \(B, L, 32\) .*cross_attention_dim.*got \(1, 8, 16\)",
+    ),
+    (
+        "pipe-prompt-embeds-rank-2",
+        "B",  # "not enough values to unpack (expected 3, got 2)"
+        lambda: run(None, prompt_embeds=torch.randn(8, 32)),
+        ValueError,
+        r"prompt_embeds must have shape \(B, L, 32\)",
+    ),
+    (
+        "pipe-prompt-embeds-integer",
+        "B",
+        lambda: run(None, prompt_embeds=torch.zeros(1, 8, 32, dtype=torch.long)),
+        TypeError,
+        r"prompt_embeds must be a floating tensor \(B, L, 32\)",
+    ),
+    (
+        "pipe-negative-embeds-other-width",
+        "B",  # "The expanded size of the tensor (32) must match the existing size (16)"
+        lambda: run(negative_prompt_embeds=torch.randn(1, 8, 16)),
+        ValueError,
+        r"negative_prompt_embeds must have shape \(B, L, 32\)",
     ),
     (
         "pipe-latents-batch",
@@ -638,3 +678,9 @@ def test_text_width_and_head_are_checked_when_the_loss_is_built():
         TextSimilarityLoss(vision(), torch.randn(1, 2 * EMBED))
     with pytest.raises(ValueError, match="head must map"):
         AestheticLoss(vision(), torch.nn.Linear(EMBED, 3))
+
+
+def test_a_function_as_the_aesthetic_head():
+    """A head that is a function, not a module, scores in the embeddings' dtype."""
+    loss = AestheticLoss(vision(), lambda e: e.sum(-1))
+    assert loss(images()).shape == (2,)
