@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_unet  # also importable from here, as before
+from helpers import tiny_unet, write_style_image  # tiny_unet: also importable from here
 
 import sagkit as sk
 from sagkit.digits.classifier import DigitsClassifier
@@ -71,3 +71,9 @@ def x_T():
     return torch.randn(
         3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
     )
+
+
+@pytest.fixture
+def style(tmp_path):
+    """A style image file for ``sagkit sample`` (:func:`helpers.write_style_image`)."""
+    return write_style_image(tmp_path / "style.png")

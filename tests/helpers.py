@@ -35,6 +35,7 @@ from sagkit.core.schedules import time_grid
 __all__ = [
     "exit_code",
     "one_line_error",
+    "write_style_image",
     "tiny_unet",
     "F64_AGREE",
     "one_gaussian",
@@ -326,3 +327,14 @@ def one_line_error(capsys) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
+
+
+def write_style_image(path):
+    """A random 20×24 RGB PNG at ``path`` (seeded), the style image of the command-line tests;
+    returns the path."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path

@@ -644,14 +644,6 @@ def _exits(code, expected):
     raise SystemExit(f"exit {code}" if code == expected else f"unexpected exit {code}")
 
 
-@pytest.mark.parametrize(
-    "call, exception, message", [c[2:] for c in CASES], ids=[c[0] for c in CASES]
-)
-def test_bad_input_gets_a_clear_error(call, exception, message):
-    with pytest.raises(exception, match=message):
-        call()
-
-
 def test_the_table_covers_every_class():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
@@ -663,23 +655,25 @@ def test_the_table_covers_every_class():
 # live beside their fixtures in tests/bad_inputs/; "before" is the code the issue was filed
 # against) -----------------------------------------------------------------------------------
 NEW_SURFACES = [*bad_guidance.ROWS, *bad_sd.ROWS, *bad_sweeps.ROWS]
+ROWS = [*CASES, *NEW_SURFACES]
 
 
 @pytest.mark.parametrize(
-    "call, exception, message", [c[2:] for c in NEW_SURFACES], ids=[c[0] for c in NEW_SURFACES]
+    "call, exception, message", [c[2:] for c in ROWS], ids=[c[0] for c in ROWS]
 )
-def test_new_surface_input_gets_a_clear_error(call, exception, message):
+def test_bad_input_gets_a_clear_error(call, exception, message):
+    """Every row of both tables: the clear error it now gets."""
     with pytest.raises(exception, match=message):
         call()
 
 
 def test_the_new_surfaces_table():
-    """At least 50 cases, each once; before: W silently wrong, B obscure, G clear; after: every
-    row is a clear error (the test above)."""
-    ids = [c[0] for c in NEW_SURFACES]
-    assert len(ids) == len(set(ids)) >= 50
+    """At least 50 cases, each once (in both tables); before: W silently wrong, B obscure, G
+    clear; after: every row is a clear error (test_bad_input_gets_a_clear_error)."""
+    assert len(NEW_SURFACES) >= 50
+    assert len({c[0] for c in ROWS}) == len(ROWS)
     before = {cls: sum(c[1] == cls for c in NEW_SURFACES) for cls in "WBG"}
-    assert sum(before.values()) == len(ids) and before["W"] and before["B"]
+    assert sum(before.values()) == len(NEW_SURFACES) and before["W"] and before["B"]
 
 
 # --- the cases whose answer is a correct result, not an error ------------------------------

@@ -66,6 +66,17 @@ def finite_like(out: torch.Tensor, x: torch.Tensor) -> None:
     assert bool(torch.isfinite(out).all())
 
 
+def errs_or_finite(call, x: torch.Tensor, error=None, *, match=None) -> None:
+    """``call()`` raises the documented ``error`` (matching ``match``) when there is one, and
+    returns finite output of x's shape and dtype otherwise."""
+    event("documented error" if error is not None else "sampled")
+    if error is not None:
+        with pytest.raises(error, match=match):
+            call()
+        return
+    finite_like(call(), x)
+
+
 @SETTINGS
 @given(problems(), st.sampled_from(sorted(sk.SOLVERS)))
 def test_solve_errs_or_is_finite(problem, solver):
@@ -178,12 +189,7 @@ def test_guided_sample_errs_or_is_finite(problem, steps, guidance, lo, hi, scale
         progress=False,
         generator=torch.Generator().manual_seed(0),
     )
-    event("documented error" if error is not None else "sampled")
-    if error is not None:
-        with pytest.raises(error):
-            call()
-        return
-    finite_like(call(), x)
+    errs_or_finite(call, x, error)
 
 
 @functools.cache
@@ -221,13 +227,9 @@ def test_any_scheduler_errs_or_is_finite(name, steps, guidance, grid, batch, off
         window=(0.0, 1.0), sampler=sampler, estimate_grid=grid, progress=False,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    if offset or name == "HeunDiscreteScheduler":  # another schedule; repeated timesteps
-        event("documented error")
-        with pytest.raises(ValueError, match="another training schedule|a repeated timestep"):
-            call()
-        return
-    event("sampled")
-    finite_like(call(), x)
+    refused = offset or name == "HeunDiscreteScheduler"  # another schedule; repeated timesteps
+    error = ValueError if refused else None
+    errs_or_finite(call, x, error, match="another training schedule|a repeated timestep")
 
 
 @FEW
@@ -249,13 +251,8 @@ def test_presets_at_any_size_are_finite(preset, steps, n, conditional):
         model, lambda y: (y**2).flatten(1).sum(1), x, preset=preset, steps=steps, n=n,
         cond=cond, progress=False, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    if not any(window[0] <= k / steps < window[1] for k in range(steps)):
-        event("documented error")
-        with pytest.raises(ValueError, match="holds no step"):
-            call()
-        return
-    event("sampled")
-    finite_like(call(), x)
+    guided = any(window[0] <= k / steps < window[1] for k in range(steps))
+    errs_or_finite(call, x, None if guided else ValueError, match="holds no step")
 
 
 @functools.cache

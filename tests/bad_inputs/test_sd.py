@@ -81,7 +81,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import exit_code, one_line_error
+from helpers import exit_code, one_line_error, write_style_image
 from PIL import Image
 
 from sagkit.lab.cli import main as cli_main
@@ -120,10 +120,7 @@ def workdir() -> Path:
 
 @functools.cache
 def style_file() -> Path:
-    path = workdir() / "style.png"
-    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
+    return write_style_image(workdir() / "style.png")
 
 
 def images(batch=2, channels=3, size=(20, 24), seed=0):

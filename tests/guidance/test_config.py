@@ -9,11 +9,9 @@ import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import RoundingChain, exit_code, pair_bound, rel, roundoff_bound
-from PIL import Image
 
 import sagkit as sk
 from sagkit.guidance import losses, sampler
@@ -74,14 +72,6 @@ def reached(monkeypatch):
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline(latent_size=8, dtype=torch.float64)
-
-
-@pytest.fixture
-def style(tmp_path):
-    path = tmp_path / "style.png"
-    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def api_call(digits_model, classifier, x_T, **options):

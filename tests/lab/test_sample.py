@@ -1,7 +1,6 @@
 """``sagkit sample``: one-line errors for missing weights and inputs, and a run on the tiny
 random pipeline, from the command line and from a saved pipeline folder."""
 
-import numpy as np
 import pytest
 from helpers import exit_code, one_line_error
 from PIL import Image
@@ -12,14 +11,6 @@ from sagkit.lab.sample import CLIP_PATH_VARIABLE, SD_PATH_VARIABLE
 
 def run(argv) -> int:
     return exit_code(main, argv)
-
-
-@pytest.fixture
-def style(tmp_path):
-    path = tmp_path / "style.png"
-    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 @pytest.mark.parametrize(
