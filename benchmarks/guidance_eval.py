@@ -2,13 +2,25 @@
 
 Rows: none, FreeDoM, DPS, SAG (n = 3) and backward guidance with sagkit's defaults, and the
 presets sag-paper, freedom-paper and dps-paper (each official code's sampler, window, repeats,
-estimate grid and step rule), all at the same number of steps.
+estimate grid and step rule), all at the same number of steps. The class task's target is
+``CLASS_TARGET`` of :mod:`sagkit.lab.evaluation` (6: pure noise is called 6 at most at chance).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 50 steps, ≈ 30 min
-
-The run of these defaults is stored in ``benchmarks/results/guidance_eval.json`` (rows with
-per-sample losses; ``guidance_eval.txt`` the printed tables): notebook 04 quotes it.
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py    # 50 steps, tens of minutes
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --steps 20 --num-samples 16
+
+The stored evaluation, ``benchmarks/results/guidance_eval.json`` (rows with per-sample losses;
+``guidance_eval.txt`` the same table as text), is what notebook 04 quotes. It records every run
+that computed some of its rows: ``runs`` holds each run's date, sagkit version, arguments,
+the shared guidance configuration (the gradient engine included) and the tasks it computed,
+and each row names its run. ``--update`` reruns some tasks into it and rewrites both files:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_eval.py --tasks class \
+        --update benchmarks/results/guidance_eval.json --note "what the timings shared"
+
+replaces the class rows (about 5 minutes on one core) and keeps the other tasks' rows, with
+the runs that computed them; the arguments of a rerun must match the stored runs' (``--steps``,
+``--num-samples``, ``--seed``, ``--batch-size``, ``--window``, the methods, presets and ``ns``),
+or the rows would not compare.
 
 Data-parallel, resumable (README, "Scaling out evaluation sweeps"; :mod:`sagkit.lab.distributed`):
 
@@ -32,6 +44,7 @@ the git-ignored ``results/`` folder.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import time
@@ -40,8 +53,19 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.guidance.config import GuidanceConfig
 from sagkit.lab.distributed import close, init_distributed
-from sagkit.lab.evaluation import default_tasks, evaluate_guidance, guidance_table
+from sagkit.lab.evaluation import (
+    CLASS_TARGET,
+    EVALUATION_DEFAULTS,
+    default_tasks,
+    evaluate_guidance,
+    guidance_table,
+    noise_label_shares,
+)
+
+# the arguments every run of one stored evaluation shares, so that its rows compare
+SHARED = ("steps", "num_samples", "ns", "methods", "presets", "seed", "batch_size", "window")
 
 
 def main(argv=None) -> None:
@@ -58,7 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scale", type=float, default=None, help="c of the RMS rule")
     parser.add_argument("--dps-scale", type=float, default=None, help="DPS's ζ")
-    parser.add_argument("--target", type=int, default=3)
+    parser.add_argument("--target", type=int, default=CLASS_TARGET, help="the class task's digit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="samples per shard")
     parser.add_argument(
@@ -67,6 +91,16 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (rank r: GPU r)")
     parser.add_argument("--verbose", action="store_true", help="log shards, every rank")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--update",
+        type=Path,
+        default=None,
+        help="a stored evaluation (JSON): replace its rows of the tasks run, record the run, "
+        "and rewrite it and its .txt",
+    )
+    parser.add_argument(
+        "--note", default="", help="recorded with the run (e.g. the machine's load)"
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -121,13 +155,81 @@ def main(argv=None) -> None:
         rows.extend(part)
         say(guidance_table(part), f"\n[{time.perf_counter() - start:.0f} s]\n", flush=True)
     say(guidance_table(rows))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings |= {"world_size": ctx.world_size, "threads": torch.get_num_threads()}
+    kept = [r | {"per_sample": r["per_sample"].tolist()} for r in rows]
     if args.json is not None and ctx.is_main:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r | {"per_sample": r["per_sample"].tolist()} for r in rows]
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        settings["world_size"] = ctx.world_size
         args.json.write_text(json.dumps({"args": settings, "rows": kept}, indent=1))
+    if args.update is not None and ctx.is_main:
+        shares = noise_label_shares(classifier)
+        run = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "version": sk.__version__,
+            "tasks": [t.name for t in tasks],
+            "args": settings,
+            "options": GuidanceConfig.resolve(
+                defaults=EVALUATION_DEFAULTS,
+                steps=args.steps,
+                window=tuple(args.window),
+                repeats=args.repeats,
+                scale=args.scale,
+            ).describe(),
+            "noise called the class target": {
+                f: round(float(v[args.target]), 4) for f, v in shares.items()
+            },
+            "note": args.note,
+        }
+        stored = updated(json.loads(args.update.read_text()), run, kept)
+        args.update.write_text(json.dumps(stored, indent=1) + "\n")
+        args.update.with_suffix(".txt").write_text(stored_text(stored))
+        say(f"updated {args.update} and its .txt")
     close()
+
+
+def updated(stored: dict, run: dict, rows: list[dict]) -> dict:
+    """The stored evaluation with ``rows`` in place of its rows of the same tasks, ``run``
+    appended to its runs and named by those rows; a run whose shared arguments differ from
+    the stored runs' is refused (its rows would not compare)."""
+    for old in stored["runs"]:
+        differ = [k for k in SHARED if old["args"][k] != run["args"][k]]
+        if differ:
+            raise ValueError(
+                "the run's arguments differ from a stored run's: "
+                + ", ".join(f"{k} {old['args'][k]} vs {run['args'][k]}" for k in differ)
+            )
+    index = len(stored["runs"])
+    kept = [r for r in stored["rows"] if r["task"] not in run["tasks"]]
+    order = list(dict.fromkeys(r["task"] for r in stored["rows"]))
+    new = kept + [r | {"run": index} for r in rows]
+    new.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
+    return {"runs": [*stored["runs"], run], "rows": new}
+
+
+def stored_text(stored: dict) -> str:
+    """The stored evaluation as text: which run computed which rows, with its settings, then
+    the table of every row."""
+    lines = []
+    for i, run in enumerate(stored["runs"]):
+        tasks = list(dict.fromkeys(r["task"] for r in stored["rows"] if r["run"] == i))
+        a, o = run["args"], run["options"]
+        lines.append(
+            f"run {i}: {run['date']}, sagkit {run['version']}, rows of "
+            f"{', '.join(tasks) or 'no task (replaced)'}; steps={a['steps']} "
+            f"samples={a['num_samples']} window={tuple(a['window'])} repeats={a['repeats']} "
+            f"scale={a['scale']} dps_scale={a['dps_scale']} target={a['target']} "
+            f"gradient={o['gradient']} threads={a['threads']} "
+            f"ranks={a['world_size']} device={a['device']}"
+        )
+        if run.get("noise called the class target"):
+            shares = ", ".join(
+                f"{f} {v:.1%}" for f, v in run["noise called the class target"].items()
+            )
+            lines.append(f"  pure noise called {a['target']}: {shares}")
+        if run.get("note"):
+            lines.append(f"  {run['note']}")
+    rows = [r | {"per_sample": torch.tensor(r["per_sample"])} for r in stored["rows"]]
+    return "\n".join([*lines, "", guidance_table(rows), ""])
 
 
 if __name__ == "__main__":

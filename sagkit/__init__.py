@@ -17,8 +17,13 @@ The layers, bottom up (each imports only the ones above it in this list):
 - :mod:`sagkit.lab`: the studies behind the notebooks and the report, and the CLI.
 
 The formulas are in docs/maths.md, which the docstrings cite by section.
+
+Importing sagkit sets torch's CPU threads to half the cores this process may use (so that one
+competing process does not multiply its time); ``SAGKIT_THREADS=k`` or ``OMP_NUM_THREADS=k``
+chooses k instead (:func:`sagkit.core.device.cpu_threads`).
 """
 
+from .core.device import apply_cpu_threads
 from .core.estimates import estimate_x0, rms_distance
 from .core.inversion import inversion_error, invert
 from .core.models import ClassifierFreeGuidance, DiffusersModel, GaussianMixture
@@ -47,6 +52,9 @@ from .lab.convergence import convergence_study
 from .lab.evaluation import evaluate_guidance
 from .lab.misalignment import misalignment
 from .lab.profiling import ProfileReport, profile, profile_gradient
+
+# CPU threads: half the cores unless SAGKIT_THREADS or OMP_NUM_THREADS says (core.device).
+apply_cpu_threads()
 
 __all__ = [
     # core: schedules, models, solvers, estimates, SDE, inversion

@@ -8,7 +8,8 @@ classifier-free guidance, and what guided sampling conditions on when no ``cond`
 (:func:`null_cond_of` reads it). Two implementations:
 
 - :class:`GaussianMixture`: the exact ε of a diffused Gaussian mixture (ground truth);
-- :class:`DiffusersModel`: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
+- :class:`DiffusersModel`: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (images
+  (B, C, H, W)); a subclass with ``sample_ndim = 5`` takes a video UNet (B, C, F, H, W).
 
 :class:`ClassifierFreeGuidance` wraps a conditional model into another model of the protocol.
 """
@@ -197,6 +198,9 @@ class DiffusersModel(nn.Module):
     from it).
     """
 
+    sample_ndim = 4
+    """The rank of x: 4 for images (B, C, H, W); a video model's is 5, (B, C, F, H, W)."""
+
     def __init__(self, unet: nn.Module, schedule_or_scheduler, prediction_type: str | None = None):
         super().__init__()
         self.unet = unet
@@ -221,11 +225,18 @@ class DiffusersModel(nn.Module):
     def _check(self, x: torch.Tensor, cond):
         """Check x and cond against the network; returns cond, the ``null_cond`` when omitted."""
         channels = self.unet.config.in_channels
-        if x.ndim != 4 or x.shape[1] != channels:
+        if x.ndim != self.sample_ndim or x.shape[1] != channels:
+            dims = "H, W" if self.sample_ndim == 4 else "F, H, W"
             raise ValueError(
-                f"x must have shape (B, {channels}, H, W) for this UNet, got {tuple(x.shape)}"
+                f"x must have shape (B, {channels}, {dims}) for this UNet, got {tuple(x.shape)}"
             )
         weight = self._working_reference()
+        if weight is not None and x.dtype != weight.dtype != self.unet.dtype:
+            raise TypeError(
+                f"x is {x.dtype}; this model's weights are {self.unet.dtype} and it takes x in "
+                f"{weight.dtype} (half-precision weights keep latents, ε and gradients in "
+                "float32: docs/maths.md §11.6): pass x.float()"
+            )
         if weight is not None:
             check_matches(x, weight, "x")
         null = null_cond_of(self)

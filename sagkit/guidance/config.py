@@ -249,9 +249,9 @@ def _describe(value):
     if isinstance(value, GuidanceMethod):
         return repr(value)
     config = getattr(value, "config", None)  # a diffusers scheduler
-    if config is not None:
+    if config is not None:  # its "_" keys are diffusers' bookkeeping, one a set's order
         return {
             "class": type(value).__name__,
-            "config": {k: _describe(v) for k, v in config.items()},
+            "config": {k: _describe(v) for k, v in config.items() if not k.startswith("_")},
         }
     return getattr(value, "__qualname__", type(value).__name__)

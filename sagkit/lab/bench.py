@@ -10,8 +10,11 @@ L(x) = ½ Σ_b ‖x_b − target_b‖²:
 
 - ``rel_err_exact``: ‖g − g*‖ / ‖g*‖, g* the exact gradient of the discrete solve (backprop
   through a float64 copy of the model);
-- ``rel_err_fd``: |⟨g, v⟩ − D| / |D|, D the float64 central difference along a random v
-  (:func:`sagkit.finite_difference`, with Richardson extrapolation);
+- ``dir_err_fd``: |⟨g, v⟩ − D| / |D|, D the float64 central difference along one random
+  direction v (:func:`sagkit.finite_difference`, with Richardson extrapolation): the error of
+  the directional derivative, an independent check of the reference g*. It sees only the
+  component of g − g* along v, so it is not the vector error: compare methods by
+  ``rel_err_exact``;
 - ``time_s``: best of ``repeats`` rounds without hooks, the methods taking turns within a round,
   and ``time_rel``: over backprop's, measured in the same rounds;
 - ``saved_bytes``, ``cuda_peak_bytes``, ``model_calls``: from :func:`sagkit.profile_gradient`.
@@ -67,24 +70,27 @@ def build_model(name: str = "unet", *, seed: int = 0):
     raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def _interleaved_times(model, loss_fn, x, ts, *, solver, methods, repeats: int) -> dict:
+def _interleaved_times(model, loss_fn, x, ts, *, solver, methods, repeats: int, bar) -> dict:
     """Best wall time of each method over ``repeats`` rounds, the methods taking turns in each
-    round, so that a busy machine slows them alike (no saved-tensor hooks while timing)."""
+    round, so that a busy machine slows them alike (no saved-tensor hooks while timing); the
+    progress ``bar`` advances by one per timed run."""
     best = dict.fromkeys(methods, math.inf)
-    for _ in range(repeats):
+    for r in range(repeats):
         for method in methods:
+            bar.set_postfix_str(f"n={len(ts) - 1}: timing {method} ({r + 1}/{repeats})")
             report = profile_gradient(
                 model, loss_fn, x, ts, method=method, solver=solver, track_saved=False
             )
             best[method] = min(best[method], report.wall_time_s)
+            bar.update()
     return best
 
 
-def _relative_errors(g: torch.Tensor, g_ref: torch.Tensor, v: torch.Tensor, fd: float) -> dict:
+def _errors(g: torch.Tensor, g_ref: torch.Tensor, v: torch.Tensor, fd: float) -> dict:
     g = g.double()
     return {
         "rel_err_exact": float((g - g_ref).norm() / g_ref.norm()),
-        "rel_err_fd": abs(float((g * v).sum()) - fd) / abs(fd),
+        "dir_err_fd": abs(float((g * v).sum()) - fd) / abs(fd),
     }
 
 
@@ -109,33 +115,46 @@ def gradient_accuracy(
     seed: int = 0,
     progress: bool = False,
 ) -> list[dict]:
-    """Relative errors of every method's ∂L/∂x against the exact discrete gradient and against
-    finite differences, for each n: one dict per (n, method) with keys n, method, exact,
-    rel_err_exact, rel_err_fd (or ``error``: why the method does not support the configuration,
+    """Errors of every method's ∂L/∂x against the exact discrete gradient and against finite
+    differences, for each n: one dict per (n, method) with keys n, method, exact,
+    rel_err_exact, dir_err_fd (or ``error``: why the method does not support the configuration,
     from :meth:`GradientMethod.refusal`).
+
+    ``rel_err_exact`` = ‖g − g*‖ / ‖g*‖ is the vector error against g*, backprop through the
+    solve; ``dir_err_fd`` = |⟨g, v⟩ − D| / |D| the error of the directional derivative along
+    one direction v against the finite difference D (see the module docstring).
 
     Everything runs in float64 (model, x (B, ...), the direction v, by default a seeded
     Gaussian): the errors are then the methods' own, not float32 rounding. The grid runs
     from ``t_start`` to ``t_end`` (default: the schedule's ``t_min``) in n steps uniform in t.
+    ``progress`` shows a bar that advances once per n for the references and once per method.
     """
     methods = _methods(methods)
+    ns = tuple(ns)
     if v is None:
         gen = torch.Generator().manual_seed(seed)
         v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
     t_end = model.schedule.t_min if t_end is None else t_end
     rows = []
-    for n in tqdm(ns, desc="accuracy", disable=not progress):
+    bar = tqdm(total=len(ns) * (1 + len(methods)), desc="accuracy", disable=not progress)
+    for n in ns:
+        bar.set_postfix_str(f"n={n}: backprop reference and finite differences")
         ts = time_grid(model.schedule, t_start, t_end, int(n))
         _, g_ref = loss_grad(model, loss_fn, x, ts, method="backprop", solver=solver)
         fd = finite_difference(model, loss_fn, x, ts, v, solver=solver)
+        bar.update()
         for method in methods:
+            bar.set_postfix_str(f"n={n}: {method}")
             row = {"n": int(n), "method": method, "exact": METHODS[method].exact}
             reason = METHODS[method].refusal(solver, ts)
-            if reason is not None:
-                rows.append({**row, "error": reason})
-                continue
-            _, g = loss_grad(model, loss_fn, x, ts, method=method, solver=solver)
-            rows.append({**row, **_relative_errors(g, g_ref, v, fd)})
+            if reason is None:
+                _, g = loss_grad(model, loss_fn, x, ts, method=method, solver=solver)
+                row.update(_errors(g, g_ref, v, fd))
+            else:
+                row["error"] = reason
+            rows.append(row)
+            bar.update()
+    bar.close()
     return rows
 
 
@@ -157,9 +176,10 @@ def run_benchmark(
 
     Each solve runs from ``t_start`` to the schedule's ``t_min`` in n steps uniform in t, on a
     batch of ``batch`` samples. Keys of a row: model, dtype, device, solver, n, method, exact,
-    rel_err_exact, rel_err_fd, time_s, time_rel, saved_bytes, cuda_peak_bytes, model_calls; a
+    rel_err_exact, dir_err_fd, time_s, time_rel, saved_bytes, cuda_peak_bytes, model_calls; a
     method that does not support the configuration gets a row with ``error`` (its
-    :meth:`GradientMethod.refusal`) instead.
+    :meth:`GradientMethod.refusal`) instead. ``progress`` shows a bar that advances after each
+    reference, warm-up, timed run and profile, naming the step it is in.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -184,30 +204,45 @@ def run_benchmark(
     def loss_fn(out):
         return 0.5 * (out - target.to(out.dtype)).flatten(1).pow(2).sum(1)
 
+    grids = {
+        n: time_grid(reference.schedule, t_start, reference.schedule.t_min, int(n)) for n in ns
+    }
+    refused = {
+        n: {m: r for m in methods if (r := METHODS[m].refusal(solver, ts)) is not None}
+        for n, ts in grids.items()
+    }
+    timed = {
+        n: ["backprop", *(m for m in methods if m not in refused[n] and m != "backprop")]
+        for n in ns
+    }
+    # per n: the references, a warm-up and `repeats` timed runs per timed method, one profile
+    # per method
+    work = sum(1 + (1 + repeats) * len(timed[n]) + len(methods) for n in ns)
     rows = []
-    bar = tqdm(total=len(ns) * len(methods), desc="bench", disable=not progress)
-    for n in ns:
-        ts = time_grid(reference.schedule, t_start, reference.schedule.t_min, int(n))
+    bar = tqdm(total=work, desc="bench", disable=not progress)
+    for n, ts in grids.items():
+        bar.set_postfix_str(f"n={n}: float64 reference and finite differences")
         _, g_ref = loss_grad(reference, loss_fn, x64, ts, method="backprop", solver=solver)
         fd = finite_difference(reference, loss_fn, x64, ts, v, solver=solver)
+        bar.update()
         common = {"model": model, "dtype": dtype, "device": str(dev), "solver": solver, "n": int(n)}
-        errors = {m: METHODS[m].refusal(solver, ts) for m in methods}
-        errors = {m: reason for m, reason in errors.items() if reason is not None}
-        timed = ["backprop", *(m for m in methods if m not in errors and m != "backprop")]
-        for method in timed:  # a warm-up
+        for method in timed[n]:
+            bar.set_postfix_str(f"n={n}: warm-up {method}")
             loss_grad(net, loss_fn, x, ts, method=method, solver=solver)
+            bar.update()
         times = _interleaved_times(
-            net, loss_fn, x, ts, solver=solver, methods=timed, repeats=repeats
+            net, loss_fn, x, ts, solver=solver, methods=timed[n], repeats=repeats, bar=bar
         )
         for method in methods:
+            bar.set_postfix_str(f"n={n}: profiling {method}")
             row = {**common, "method": method, "exact": METHODS[method].exact}
-            if method in errors:
-                rows.append({**row, "error": errors[method]})
+            if method in refused[n]:
+                rows.append({**row, "error": refused[n][method]})
                 bar.update()
                 continue
             report = profile_gradient(net, loss_fn, x, ts, method=method, solver=solver)
             row.update(
-                **_relative_errors(report.result[1], g_ref, v, fd),
+                **_errors(report.result[1], g_ref, v, fd),
                 time_s=times[method],
                 time_rel=times[method] / times["backprop"],
                 saved_bytes=report.saved_bytes,
@@ -237,7 +272,7 @@ def bench_table(rows: list[dict]) -> str:
     head, w = rows[0], max(11, *(len(r["method"]) + 2 for r in rows))
     lines = [
         f"model={head['model']} dtype={head['dtype']} solver={head['solver']} device={head['device']}",
-        f"{'n':>4}  {'method':<{w}}{'rel.err exact':>14}{'rel.err FD':>12}{'time':>10}"
+        f"{'n':>4}  {'method':<{w}}{'rel.err exact':>14}{'dir.err FD':>12}{'time':>10}"
         f"{'time/bp':>9}{'saved':>12}{'CUDA peak':>12}{'calls':>7}",
     ]
     for r in rows:
@@ -245,7 +280,7 @@ def bench_table(rows: list[dict]) -> str:
             lines.append(f"{r['n']:>4}  {r['method']:<{w}}  n/a: {r['error']}")
             continue
         lines.append(
-            f"{r['n']:>4}  {r['method']:<{w}}{r['rel_err_exact']:>14.2e}{r['rel_err_fd']:>12.2e}"
+            f"{r['n']:>4}  {r['method']:<{w}}{r['rel_err_exact']:>14.2e}{r['dir_err_fd']:>12.2e}"
             f"{r['time_s']:>9.3f}s{r['time_rel']:>9.2f}{_bytes(r['saved_bytes']):>12}"
             f"{_bytes(r['cuda_peak_bytes']):>12}{r['model_calls']:>7}"
         )

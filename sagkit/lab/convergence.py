@@ -17,7 +17,7 @@ from ..gradients.adjointdeis import adjointdeis_grad
 from ..gradients.api import evaluate_loss, loss_grad
 from ..gradients.reference import exact_gradient, reference_gradient
 
-__all__ = ["convergence_study", "convergence_table", "plot_convergence"]
+__all__ = ["convergence_study", "convergence_table", "plot_convergence", "fit_slope"]
 
 
 def _check_constant_gradient(loss_fn, x, seed):
@@ -35,8 +35,9 @@ def _check_constant_gradient(loss_fn, x, seed):
         )
 
 
-def _fit_slope(steps, errors, last: int) -> float:
-    """−d log(error)/d log(M), least squares over the last ``last`` points."""
+def fit_slope(steps, errors, *, last: int) -> float:
+    """The observed order −d log(error)/d log(M): a least-squares line through the last ``last``
+    points of (log M, log error); steps and errors are sequences of the same length."""
     m = torch.tensor([math.log(s) for s in steps[-last:]], dtype=torch.float64)
     e = torch.tensor([math.log(max(err, 1e-300)) for err in errors[-last:]], dtype=torch.float64)
     m, e = m - m.mean(), e - e.mean()
@@ -141,7 +142,7 @@ def convergence_study(
         for label, run in methods.items():
             g = run(ts, noise)
             errors[label].append(float((g - ref).norm() / ref.norm()))
-    slopes = {label: _fit_slope(list(steps), e, fit_last) for label, e in errors.items()}
+    slopes = {label: fit_slope(list(steps), e, last=fit_last) for label, e in errors.items()}
     states = "SDE sampler (stored noise)" if sde else f"{state_solver} on the same grid"
     return {
         "steps": list(steps),
@@ -170,8 +171,9 @@ def convergence_table(study: dict) -> str:
 def plot_convergence(study: dict, *, ax=None, title: str | None = None):
     """Log–log plot of :func:`convergence_study`: relative error against M, fitted slopes in the
     legend, with grey guide lines of slope −1 and −2 (labelled in the legend); errors above 10
-    are off the top. The vanilla adjoint, which nearly coincides with AdjointDEIS-1 (ε), is
-    drawn as crosses on top, so neither hides the other. Returns the matplotlib Figure."""
+    are off the top. The vanilla adjoint is drawn as crosses on top: it is AdjointDEIS-1 (ε)
+    with re-solved states (docs/maths.md §5.4, §6.6), so where the states' error does not matter
+    the two curves meet and neither hides the other. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
     if ax is None:

@@ -16,13 +16,14 @@ from ..guidance import losses
 from ..guidance.config import DEFAULTS
 from ..guidance.sampler import guided_sample
 from ..guidance.travel import guidance_window
-from .evaluation import method_label
+from .evaluation import CLASS_TARGET, method_label
 from .plotting import image_grid
 
 __all__ = [
     "run_methods",
     "method_grid",
     "loss_curves",
+    "loss_after_window",
     "guided_grid",
     "paired_differences",
     "observed_view",
@@ -44,7 +45,7 @@ def run_methods(
     """Run :func:`sagkit.guided_sample` once per (guidance, n) from the same x_T and seed.
 
     ``options`` (steps, scale, window, repeats, …) are shared by every method; ``progress``
-    shows one bar over the methods. Returns {label: {"samples": (B, ...), "losses":
+    shows a bar over the methods and each sampler's bar over its steps. Returns {label: {"samples": (B, ...), "losses":
     (steps + 1, B)}} with labels from :func:`sagkit.lab.evaluation.method_label`.
     """
     results = {}
@@ -56,7 +57,7 @@ def run_methods(
             guidance=guidance,
             n=n or 1,
             generator=torch.Generator().manual_seed(seed),
-            progress=False,
+            progress=progress,
             return_losses=True,
             **options,
         )
@@ -103,12 +104,35 @@ def loss_curves(results: dict[str, dict], *, window=None):
     return fig
 
 
+def loss_after_window(results: dict[str, dict], *, window) -> dict[str, float]:
+    """What the loss did after guidance stopped: {method: mean final loss ÷ mean loss at the
+    window's end}.
+
+    ``results`` as from :func:`run_methods` (``losses`` (steps + 1, B): the loss of the one-step
+    estimate at grid point k, the final samples' last). The window's end is grid point
+    k_last + 1, the state after the last guided step k_last. A ratio above 1: the loss climbed
+    back while the sampler ran free (what it delivers scores worse than the estimate guidance
+    optimised); below 1: it kept falling. Methods without guided steps (``"none"``) are
+    left out. Raises ``ValueError`` when ``window`` guides none of the steps.
+    """
+    total = len(next(iter(results.values()))["losses"]) - 1
+    guided = [k for k, on in enumerate(guidance_window(total, window)) if on]
+    if not guided:
+        raise ValueError(f"the window {tuple(window)} holds none of the {total} steps")
+    end = guided[-1] + 1
+    return {
+        name: float(r["losses"][-1].double().mean() / r["losses"][end].double().mean())
+        for name, r in results.items()
+        if name != "none"
+    }
+
+
 def guided_grid(
     model,
     classifier,
     *,
-    target: int = 3,
-    n: int = 2,
+    target: int = CLASS_TARGET,
+    n: int = DEFAULTS["n"],
     scale: float = 2.0,
     window=DEFAULTS["window"],
     num: int = 4,
@@ -118,8 +142,9 @@ def guided_grid(
 ):
     """The widget's figure: unguided, FreeDoM and SAG (n steps) samples for a target digit.
 
-    The defaults are a small workload (4 samples, 20 steps, n = 2: a few seconds on one CPU
-    core) whose window holds guided steps.
+    The defaults are a small workload (4 samples, 20 steps) whose window holds guided steps,
+    with the class task's target and SAG's default n (:data:`sagkit.lab.evaluation.CLASS_TARGET`,
+    ``DEFAULTS["n"]``).
 
     Args:
         model, classifier: as for :func:`sagkit.lab.evaluation.evaluate_guidance`.

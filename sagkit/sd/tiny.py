@@ -7,6 +7,11 @@ weights); they show the wiring, not the pictures.
 
     pipe = tiny_pipeline()                  # StableDiffusionPipeline, 16×16 latents, 32×32 images
     vision = tiny_clip_vision()             # CLIPVisionModelWithProjection, 32×32 input
+
+They run without a word on stderr: prompts up to CLIP's 77 tokens fit the tokenizer, the
+casts to another dtype go through :func:`cast_components`, and importing :mod:`sagkit.sd`
+silences the one notice of the libraries below that says nothing about a sagkit run
+(:func:`sagkit.sd.notices.quiet_processor_fallback`).
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ __all__ = [
     "tiny_unet_and_vae",
     "tiny_pipeline",
     "tiny_clip_vision",
+    "cast_components",
 ]
 
 TEXT_WIDTH = 32
 """The width D of the tiny text encoder's embeddings (and the UNet's cross-attention)."""
 
 
-def tiny_tokenizer(max_length: int = 16):
-    """A ``CLIPTokenizer`` whose vocabulary is the lowercase letters (a word is spelled out)."""
+def tiny_tokenizer(max_length: int = 77):
+    """A ``CLIPTokenizer`` whose vocabulary is the lowercase letters (a word is spelled out, one
+    token a letter), for sequences of ``max_length`` tokens with the start and end tokens
+    (default 77, CLIP's: a prompt of up to 75 letters is not truncated)."""
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -116,7 +124,7 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
     pipe.set_progress_bar_config(disable=True)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
-    return pipe.to(dtype=dtype)
+    return cast_components(pipe, dtype)
 
 
 def tiny_clip_vision(*, image_size: int = 32, seed: int = 0, dtype=torch.float32):
@@ -134,3 +142,17 @@ def tiny_clip_vision(*, image_size: int = 32, seed: int = 0, dtype=torch.float32
         projection_dim=16,
     )
     return CLIPVisionModelWithProjection(config).eval().requires_grad_(False).to(dtype)
+
+
+def cast_components(pipe, dtype: torch.dtype):
+    """Cast every module of a diffusers pipeline (UNet, VAE, text encoder, ...) to ``dtype``;
+    returns ``pipe``.
+
+    The cast of ``pipe.to(dtype=dtype)``, without the warning diffusers' ``ModelMixin.to`` logs
+    on every dtype cast ("modules ... that should be kept in float32: []"), even for models
+    that keep no module in float32, as these: ``torch.nn.Module.to`` makes the same cast.
+    """
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, dtype=dtype)
+    return pipe

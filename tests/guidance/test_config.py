@@ -174,6 +174,32 @@ def test_resolve_order_and_replace():
         GuidanceConfig.resolve(stpes=3)
 
 
+DESCRIBE_SAG_PAPER = """
+import json
+import sagkit as sk
+config = sk.GuidanceConfig.resolve(preset="sag-paper", model=sk.load_pretrained("digits"))
+print(json.dumps(config.describe(), sort_keys=True))
+"""
+
+
+def test_a_scheduler_is_described_alike_in_every_process():
+    """Sweep shards are keyed by ``describe()``: a preset holding a diffusers scheduler must give
+    the same description under any hash seed (its config's ``_use_default_values`` is a list
+    made from a set, so it was ordered by the seed and a resumed sweep refused its shards)."""
+    import os
+    import subprocess
+    import sys
+
+    def described(seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        argv = [sys.executable, "-c", DESCRIBE_SAG_PAPER]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+
+    first = described("1")
+    assert "sampler" in first and '"class": "DPMSolverMultistepScheduler"' in first
+    assert described("2") == first
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

@@ -104,3 +104,53 @@ def test_pivot_table_has_one_line_per_method_and_a_column_per_n():
     assert lines[0].split() == ["method", "n=2", "n=4"]
     assert lines[1].split() == ["backprop", "2.00", "4.00"]
     assert lines[2].split() == ["symplectic", "0.50", "-"]
+
+
+class RecordingBar(bench.tqdm):
+    """A progress bar that records its total, its updates and the steps it named."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.updates, self.named = 0, []
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.updates += n
+        return super().update(n)
+
+    def set_postfix_str(self, s="", refresh=True):
+        self.named.append(s)
+        return super().set_postfix_str(s, refresh)
+
+
+@pytest.fixture
+def recording_bar(monkeypatch):
+    RecordingBar.made = []
+    monkeypatch.setattr(bench, "tqdm", RecordingBar)
+    return RecordingBar.made
+
+
+def test_the_benchmark_bar_advances_after_every_gradient(recording_bar):
+    """No silent stretch: per n one update for the references, then one per warm-up, per timed
+    run and per profile, each named before it starts."""
+    methods = ["backprop", "symplectic", "adjoint"]
+    run_benchmark(model="mixture", dtype="float64", ns=(2, 3), methods=methods, repeats=2)
+    (bar,) = recording_bar
+    per_n = 1 + len(methods) * (1 + 2) + len(methods)
+    assert bar.total == bar.updates == 2 * per_n
+    assert len(bar.named) == bar.updates
+    assert "n=3: timing adjoint (2/2)" in bar.named
+
+
+def test_the_accuracy_bar_advances_per_method(recording_bar):
+    mixture, _ = bench.build_model("mixture")
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows = bench.gradient_accuracy(
+        mixture, lambda out: out.square().flatten(1).sum(1), x, ns=(2, 3),
+        methods=["backprop", "adjoint"], progress=True,
+    )  # fmt: skip
+    (bar,) = recording_bar
+    assert bar.total == bar.updates == 2 * (1 + 2) and len(rows) == 4
+    assert {"dir_err_fd", "rel_err_exact"} <= set(rows[1])

@@ -8,9 +8,15 @@ import torch
 from matplotlib.figure import Figure
 
 from sagkit.guidance import losses
-from sagkit.lab.evaluation import GuidanceTask, evaluate_guidance, guidance_table
+from sagkit.lab.evaluation import (
+    GuidanceTask,
+    evaluate_guidance,
+    guidance_table,
+    paired_comparison,
+)
 from sagkit.lab.guidance_figures import (
     guided_grid,
+    loss_after_window,
     loss_curves,
     method_grid,
     observed_view,
@@ -113,6 +119,39 @@ def test_paired_differences_are_per_sample_and_paired():
     plt.close(fig)
     d = (b - a).double()
     assert stats["t"] == (pytest.approx(float(d.mean())), pytest.approx(float(d.std() / 2)))
+
+
+@pytest.mark.parametrize(
+    ("shift", "verdict"), [(-1.0, "lower"), (1.0, "higher"), (0.0, "no different")]
+)
+def test_paired_comparison_calls_a_difference_beyond_two_standard_errors(shift, verdict):
+    base = torch.tensor([1.0, 5.0, 2.0, 8.0, 3.0])
+    noise = torch.tensor([0.1, -0.2, 0.15, -0.1, 0.05])  # mean 0, s.e. 0.061: 2 s.e. < 1
+    rows = [
+        {"task": "t", "method": "freedom", "per_sample": base},
+        {"task": "t", "method": "m", "per_sample": (base + shift + noise).tolist()},
+    ]
+    mean, se, word = paired_comparison(rows, "t", "m")
+    d = (shift + noise).double()
+    # the rows hold base + shift + noise rounded to float32: each value (< 16) is off by at
+    # most half an ulp, 2^-21, and so are the mean and the s.e. (std/√N moves by ≤ 2^-21/√(N−1));
+    # 2^-20 allows twice that
+    assert mean == pytest.approx(float(d.mean()), rel=0, abs=2**-20)
+    assert se == pytest.approx(float(d.std() / math.sqrt(5)), rel=0, abs=2**-20)
+    assert word == verdict
+    with pytest.raises(ValueError, match="no row for task 't' and method 'dps'"):
+        paired_comparison(rows, "t", "dps")
+
+
+def test_loss_after_window_divides_the_final_loss_by_the_loss_after_the_last_guided_step():
+    # 10 steps, window (0.3, 0.7): steps 3..6 guided, so the window ends at grid point 7
+    curve = torch.arange(1.0, 12.0)[:, None].expand(11, 2)  # (steps + 1, B): loss k + 1
+    results = {"none": {"losses": curve}, "freedom": {"losses": curve.flip(0)}}
+    ratios = loss_after_window(results, window=(0.3, 0.7))
+    assert list(ratios) == ["freedom"]  # unguided sampling has no window to end
+    assert ratios["freedom"] == pytest.approx(1 / 4)  # final 1, grid point 7: 11 − 7 = 4
+    with pytest.raises(ValueError, match="holds none of the 10 steps"):
+        loss_after_window(results, window=(0.31, 0.39))
 
 
 def test_observed_view_keeps_the_observed_pixels_and_greys_the_rest():

@@ -188,7 +188,7 @@ def test_half_precision_weights_keep_sagkit_in_float32():
             z.bfloat16(), torch.tensor([499.0]), encoder_hidden_states=cond.bfloat16()
         ).sample
     assert eps.dtype == torch.float32 and torch.equal(eps, net.float())
-    with pytest.raises(TypeError, match="bfloat16"):
+    with pytest.raises(TypeError, match=r"weights are torch.bfloat16 .*pass x.float\(\)"):
         model.eps(z.bfloat16(), 0.5, cond)
     reference = torch.rand(3, 16, 16, generator=seeded(2)) * 2 - 1
     half_images = StyleLoss(vision, reference)(reference[None].bfloat16())
