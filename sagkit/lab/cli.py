@@ -6,8 +6,9 @@
                  [--device auto|cpu|cuda] [--json]
     sagkit report [--fast] [--out DIR] [--sections NAME ...] [--device cpu|cuda]
     sagkit sample PROMPT --style IMAGE [--preset NAME] [--seed S] [--out DIR] [--overwrite]
-                  [--sd PATH] [--clip PATH] [--tiny] [every GuidanceConfig field: --guidance,
-                  --n, --steps, --window LO HI, --repeats, --sampler, --gradient, ...]
+                  [--sd PATH] [--clip PATH] [--tiny] [--video [--num-frames F]
+                  [--decode-chunk-size C]] [every GuidanceConfig field: --guidance, --n,
+                  --steps, --window LO HI, --repeats, --sampler, --gradient, ...]
     sagkit train digits|digits-unet|digits-classifier --out DIR [--steps N] [--evaluate]
 
 A subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
@@ -212,6 +213,9 @@ def _sample(args) -> int:
         sd=args.sd,
         clip=args.clip,
         tiny=args.tiny,
+        video=args.video,
+        num_frames=args.num_frames,
+        decode_chunk_size=args.decode_chunk_size,
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
@@ -225,16 +229,21 @@ def _sample(args) -> int:
 
 def add_sample(subparsers) -> None:
     from ..guidance.presets import PRESETS
-    from .sample import CLIP_PATH_VARIABLE, SD_PATH_VARIABLE
+    from ..sd.video import DECODE_CHUNK_SIZE
+    from .sample import CLIP_PATH_VARIABLE, FPS, SD_PATH_VARIABLE, VIDEO_PATH_VARIABLE
 
     p = subparsers.add_parser(
         "sample",
-        help="guided Stable Diffusion towards a style image, from local weights",
+        help="guided Stable Diffusion (or, with --video, AnimateDiff or TextToVideoSD) towards "
+        "a style image, from local weights",
         description="Sample a Stable Diffusion pipeline with training-free guidance by CLIP's "
-        "style loss against a reference image (SAG's style task). The pipeline and the CLIP "
-        f"vision model are read from local folders (--sd/${SD_PATH_VARIABLE}, "
-        f"--clip/${CLIP_PATH_VARIABLE}), never downloaded. Every guidance option defaults to "
-        "the preset's value, else sagkit's (with the pipeline's scheduler and w = 7.5).",
+        "style loss against a reference image (SAG's style task); with --video, a video "
+        "pipeline (AnimateDiff, TextToVideoSD) by the style loss averaged over the frames, "
+        f"written as GIF at {FPS} frames per second. The pipeline and the CLIP vision model "
+        f"are read from local folders (--sd/${SD_PATH_VARIABLE}, or ${VIDEO_PATH_VARIABLE} "
+        f"with --video; --clip/${CLIP_PATH_VARIABLE}), never downloaded. Every guidance option "
+        "defaults to the preset's value, else sagkit's (with the pipeline's scheduler and "
+        "guidance scale, w = 7.5 for Stable Diffusion).",
     )
     p.add_argument("prompt")
     p.add_argument("--style", default=None, help="the style reference image file")
@@ -251,9 +260,25 @@ def add_sample(subparsers) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace existing files of the same names"
     )
-    p.add_argument("--sd", default=None, help=f"pipeline folder (default ${SD_PATH_VARIABLE})")
+    p.add_argument(
+        "--sd",
+        default=None,
+        help=f"pipeline folder (default ${SD_PATH_VARIABLE}, ${VIDEO_PATH_VARIABLE} with --video)",
+    )
     p.add_argument("--clip", default=None, help=f"CLIP folder (default ${CLIP_PATH_VARIABLE})")
     p.add_argument("--tiny", action="store_true", help="tiny random components (a dry run)")
+    p.add_argument(
+        "--video", action="store_true", help="a video pipeline; each sample is an animated GIF"
+    )
+    p.add_argument(
+        "--num-frames", type=positive_int, default=None, help="frames (default the pipeline's)"
+    )
+    p.add_argument(
+        "--decode-chunk-size",
+        type=positive_int,
+        default=None,
+        help=f"frames per VAE decoder call (default {DECODE_CHUNK_SIZE})",
+    )
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

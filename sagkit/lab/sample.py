@@ -1,11 +1,13 @@
-"""``sagkit sample``: guided Stable Diffusion from local weights, images written as PNG.
+"""``sagkit sample``: guided Stable Diffusion from local weights, images written as PNG, or
+with ``--video`` guided AnimateDiff or TextToVideoSD, videos written as animated GIF.
 
 The pipeline and the CLIP vision model are read from local folders (``--sd`` / ``--clip``,
-or the environment variables ``SAGKIT_SD_PATH`` / ``SAGKIT_CLIP_PATH``), never downloaded;
-``--tiny`` uses the random tiny components of :mod:`sagkit.sd.tiny` instead, to try the
-command offline. The loss is :class:`sagkit.sd.clip.StyleLoss` against ``--style``. Each image
-is written with a JSON sidecar that reproduces it; existing files are kept unless
-``--overwrite``.
+or the environment variables ``SAGKIT_SD_PATH`` (``SAGKIT_VIDEO_PATH`` with ``--video``) /
+``SAGKIT_CLIP_PATH``), never downloaded; ``--tiny`` uses the random tiny components of
+:mod:`sagkit.sd.tiny` (:mod:`sagkit.sd.tiny_video`) instead, to try the command offline. The
+loss is :class:`sagkit.sd.clip.StyleLoss` against ``--style`` (on every frame of a video,
+:class:`sagkit.sd.video_losses.FrameAverage`). Each image or video is written with a JSON
+sidecar that reproduces it; existing files are kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from ..core.device import resolve_device
 
 __all__ = [
     "SD_PATH_VARIABLE",
+    "VIDEO_PATH_VARIABLE",
     "CLIP_PATH_VARIABLE",
+    "FPS",
+    "save_gif",
     "local_folder",
     "read_image",
     "output_folder",
@@ -31,7 +36,11 @@ __all__ = [
 ]
 
 SD_PATH_VARIABLE = "SAGKIT_SD_PATH"
+VIDEO_PATH_VARIABLE = "SAGKIT_VIDEO_PATH"
 CLIP_PATH_VARIABLE = "SAGKIT_CLIP_PATH"
+FPS = 10
+"""Frames per second of the GIFs ``sagkit sample --video`` writes (diffusers'
+``export_to_gif``'s; GIF frame durations are whole hundredths of a second)."""
 
 
 def local_folder(given: str | None, variable: str, option: str, what: str) -> Path:
@@ -56,23 +65,41 @@ def read_image(path: str | Path, *, option: str = "--style") -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
 
 
-def _components(weights: tuple[Path, Path] | None, *, dtype, device):
-    """(pipeline, CLIP vision model): the tiny random ones (``weights`` None) or loaded from
-    the local folders ``weights`` = (pipeline, CLIP)."""
+def _components(weights: tuple[Path, Path] | None, *, video: bool, dtype, device):
+    """(pipeline, CLIP vision model): the tiny random ones (``weights`` None; AnimateDiff's for
+    ``video``) or loaded from the local folders ``weights`` = (pipeline, CLIP), the pipeline
+    class read from its folder for ``video``."""
     if weights is None:
         from ..sd.tiny import tiny_clip_vision, tiny_pipeline
+        from ..sd.tiny_video import tiny_animatediff
 
-        return tiny_pipeline(dtype=dtype).to(device), tiny_clip_vision(dtype=dtype).to(device)
-    from diffusers import StableDiffusionPipeline
+        pipe = (tiny_animatediff if video else tiny_pipeline)(dtype=dtype)
+        return pipe.to(device), tiny_clip_vision(dtype=dtype).to(device)
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        weights[0], torch_dtype=dtype, local_files_only=True
-    ).to(device)
+    pipe = (
+        (DiffusionPipeline if video else StableDiffusionPipeline)
+        .from_pretrained(weights[0], torch_dtype=dtype, local_files_only=True)
+        .to(device)
+    )
     vision = CLIPVisionModelWithProjection.from_pretrained(
         weights[1], torch_dtype=dtype, local_files_only=True
     )
     return pipe, vision.to(device).eval().requires_grad_(False)
+
+
+def save_gif(frames: list, target, *, fps: int = FPS) -> None:
+    """Write PIL images as one looping animated GIF at ``fps`` frames per second to ``target``
+    (a path or a binary file object)."""
+    frames[0].save(
+        target,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=1000 // fps,
+        loop=0,
+    )
 
 
 def _absolute(path: str | Path) -> str:
@@ -105,6 +132,9 @@ def sample(
     sd: str | None = None,
     clip: str | None = None,
     tiny: bool = False,
+    video: bool = False,
+    num_frames: int | None = None,
+    decode_chunk_size: int | None = None,
     dtype: str | None = None,
     device=None,
     overwrite: bool = False,
@@ -113,17 +143,24 @@ def sample(
 ) -> list[Path]:
     """Sample ``num_images`` images of ``prompt`` guided towards the style of the image file
     ``style`` (no file for ``guidance="none"``); write them as PNG to ``out``; return the paths.
+    With ``video``, ``num_images`` videos of ``num_frames`` frames (default the pipeline's,
+    16) from a video pipeline (:class:`sagkit.sd.video.GuidedVideo`, decoding
+    ``decode_chunk_size`` frames at a time, default
+    :data:`~sagkit.sd.video.DECODE_CHUNK_SIZE`), guided by the style loss averaged over the
+    frames, written as animated GIFs at :data:`FPS` frames per second.
 
-    Image i is ``{guidance or preset}-seed{seed}-{i:03d}.png``, beside a JSON file of the same
-    stem recording what reproduces it: the prompts, the seed, i and ``num_images`` (the batch
-    drawn from the seed), the preset, every field of the resolved
-    :class:`~sagkit.guidance.config.GuidanceConfig`, the style image, the weights, the dtype,
-    the device and the sagkit version. Existing files of those names are refused unless
-    ``overwrite``.
+    Sample i is ``{guidance or preset}-seed{seed}-{i:03d}.png`` (``.gif``), beside a JSON file
+    of the same stem recording what reproduces it: the prompts, the seed, i and
+    ``num_images`` (the batch drawn from the seed), the preset, every field of the resolved
+    :class:`~sagkit.guidance.config.GuidanceConfig`, the style image, the weights, the video's
+    ``frames`` (their number, decode chunk and rate), the dtype, the device and the sagkit
+    version. Existing files of those names are
+    refused unless ``overwrite``.
 
     ``options`` are fields of :class:`~sagkit.guidance.config.GuidanceConfig`, over the
-    ``preset`` and the pipeline's defaults (:meth:`sagkit.sd.GuidedStableDiffusion.defaults`:
-    SAG with a style image), resolved as the pipeline resolves them.
+    ``preset`` and the pipeline's defaults (:meth:`sagkit.sd.pipeline.GuidedPipeline.defaults`:
+    SAG with a style image, the pipeline's scheduler and guidance scale), resolved as the
+    pipeline resolves them.
 
     ``seed``: an integer in [0, 2**64) (what ``torch.Generator.manual_seed`` takes).
     ``dtype``: "float16" (default on CUDA), "bfloat16" or "float32" (default on the CPU), the
@@ -133,11 +170,19 @@ def sample(
     from ..guidance.config import GuidanceConfig
     from ..sd.clip import StyleLoss
     from ..sd.pipeline import GuidedStableDiffusion
+    from ..sd.video import DECODE_CHUNK_SIZE, GuidedVideo
+    from ..sd.video_losses import FrameAverage
 
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise ValueError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
     seed = int(seed)
     check_count(num_images, "--num-images")
+    if not video and (num_frames is not None or decode_chunk_size is not None):
+        raise ValueError("--num-frames and --decode-chunk-size need --video")
+    sizes = {}  # the video's, checked by the pipeline
+    if video:
+        chunk = DECODE_CHUNK_SIZE if decode_chunk_size is None else decode_chunk_size
+        sizes = {"num_frames": num_frames, "decode_chunk_size": chunk}
     device = resolve_device(device)
     guidance = options.get("guidance")
     if guidance is None and preset is None:
@@ -150,18 +195,26 @@ def sample(
         raise ValueError(f"--dtype must be float16, bfloat16 or float32, got {dtype!r}")
     weights = None
     if not tiny:
-        sd_path = local_folder(sd, SD_PATH_VARIABLE, "--sd", "a diffusers StableDiffusionPipeline")
+        pipeline = "a diffusers AnimateDiff or TextToVideoSD pipeline" if video else None
+        sd_path = local_folder(
+            sd,
+            VIDEO_PATH_VARIABLE if video else SD_PATH_VARIABLE,
+            "--sd",
+            pipeline or "a diffusers StableDiffusionPipeline",
+        )
         clip_path = local_folder(clip, CLIP_PATH_VARIABLE, "--clip", "a transformers CLIP model")
         weights = sd_path, clip_path
     stems = [f"{guidance or preset}-seed{seed}-{i:03d}" for i in range(num_images)]
+    suffix = ".gif" if video else ".png"
     out = output_folder(
-        out, [stem + ext for stem in stems for ext in (".png", ".json")], overwrite=overwrite
+        out, [stem + ext for stem in stems for ext in (suffix, ".json")], overwrite=overwrite
     )
-    pipe, vision = _components(weights, dtype=getattr(torch, dtype), device=device)
-    loss = (
-        None if reference is None or guidance == "none" else StyleLoss(vision, reference.to(device))
-    )
-    guided = GuidedStableDiffusion.from_pipe(pipe)
+    pipe, vision = _components(weights, video=video, dtype=getattr(torch, dtype), device=device)
+    style_loss = loss = None
+    if reference is not None and guidance != "none":
+        style_loss = StyleLoss(vision, reference.to(device))
+        loss = FrameAverage(style_loss) if video else style_loss
+    guided = (GuidedVideo if video else GuidedStableDiffusion).from_pipe(pipe)
     cond, null = guided.encode(
         prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images
     )
@@ -178,8 +231,12 @@ def sample(
         loss_fn=loss,
         config=config,
         generator=torch.Generator(device).manual_seed(seed),
+        output_type="pil",
         progress=progress,
+        **sizes,
     )
+    samples = result.frames if video else result.images
+    loss_name = "FrameAverage(StyleLoss)" if video else "StyleLoss"
     record = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -187,17 +244,21 @@ def sample(
         "num_images": num_images,
         "preset": preset,
         "guidance": config.describe(),
-        "loss": None if loss is None else {"name": "StyleLoss", "layer": loss.layer},
+        "loss": None if loss is None else {"name": loss_name, "layer": style_loss.layer},
         "style": None if style is None else _absolute(style),
         "weights": "tiny" if tiny else {"sd": _absolute(sd_path), "clip": _absolute(clip_path)},
+        **({"frames": {**sizes, "num_frames": len(samples[0]), "fps": FPS}} if video else {}),
         "dtype": dtype,
         "device": device.type,
         "sagkit": __version__,
     }
     paths = []
-    for i, (stem, image) in enumerate(zip(stems, result.images, strict=True)):
-        paths.append(out / f"{stem}.png")
-        image.save(paths[-1])
-        sidecar = {"image": paths[-1].name, "index": i, **record}
+    for i, (stem, item) in enumerate(zip(stems, samples, strict=True)):
+        paths.append(out / f"{stem}{suffix}")
+        if video:
+            save_gif(item, paths[-1])
+        else:
+            item.save(paths[-1])
+        sidecar = {"video" if video else "image": paths[-1].name, "index": i, **record}
         (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return paths

@@ -2,12 +2,22 @@
 
 - :mod:`.pipeline`: :class:`~.pipeline.GuidedStableDiffusion`, guided text-to-image sampling
   over a loaded ``StableDiffusionPipeline``, with the same configuration as every sampler;
+- :mod:`.video`: :class:`~.video.GuidedVideo`, the same over a loaded ``AnimateDiffPipeline``
+  or ``TextToVideoSDPipeline``, the VAE decoding the frames in chunks;
 - :mod:`.latent`: the two pieces a latent model adds, the decoded loss and the text-conditioned
   UNet with its unconditional embedding;
 - :mod:`.clip`: the CLIP losses of SAG's tasks (style, CLIP-I, text, aesthetic);
-- :mod:`.tiny`: a tiny random pipeline and CLIP model, for offline tests and dry runs.
+- :mod:`.video_losses`: losses on decoded video (an image loss on every frame, temporal
+  consistency);
+- :mod:`.tiny`, :mod:`.tiny_video`: tiny random pipelines and CLIP model, for offline tests
+  and dry runs;
+- :mod:`.notices`: the one library notice sagkit silences, and why.
 """
 
+from .notices import quiet_processor_fallback
 from .pipeline import GuidedStableDiffusion
+from .video import GuidedVideo
 
-__all__ = ["GuidedStableDiffusion"]
+quiet_processor_fallback()  # a notice of transformers that says nothing about a sagkit run
+
+__all__ = ["GuidedStableDiffusion", "GuidedVideo"]

@@ -19,6 +19,10 @@
   at the end for the output, which goes through the pipeline's safety checker and image
   post-processing as diffusers' does (``return_losses`` adds one per step).
 
+What the image and the video pipeline (:class:`sagkit.sd.video.GuidedVideo`) share is
+:class:`GuidedPipeline`: the prompts' embeddings, the text-conditioned model, the
+configuration, the initial noise and the checks of the latents and the generator.
+
 Precision: with half-precision weights the UNet, the decoder and a CLIP loss run in half
 precision while the latents, the text embeddings used as conditions, the adjoint and the
 gradients stay float32 (:class:`sagkit.DiffusersModel`; docs/maths.md §11.6).
@@ -26,7 +30,9 @@ gradients stay float32 (:class:`sagkit.DiffusersModel`; docs/maths.md §11.6).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -36,30 +42,37 @@ from ..guidance.config import DEFAULTS, GuidanceConfig
 from ..guidance.sampler import guided_sample
 from .latent import TextConditionedModel, decoded_loss
 
-__all__ = ["GuidedStableDiffusion", "OUTPUT_TYPES"]
+__all__ = ["GuidedPipeline", "GuidedStableDiffusion", "OUTPUT_TYPES", "check_output_type"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class GuidedStableDiffusion:
-    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) sampled with guidance.
+class GuidedPipeline:
+    """What guided sampling shares over a diffusers text-to-image or text-to-video pipeline.
 
-    Build it with :meth:`from_pipe`. The pipeline's components are used as loaded (dtype,
-    device); nothing is copied or downloaded.
+    Build a subclass with :meth:`from_pipe`. The pipeline's components are used as loaded
+    (dtype, device); nothing is copied or downloaded. A subclass gives the layout of its
+    latents (:attr:`latent_dims`, :meth:`latent_shape`, :meth:`latent_sizes`), its model
+    (:meth:`model`), its decoded loss and its ``__call__``, which chains :meth:`encode`,
+    :meth:`prepare_latents`, :meth:`sample` and its own decode.
     """
 
+    pipeline_name: ClassVar[str] = "diffusers pipeline"
+    """What ``pipe`` must be, in error messages."""
+    latent_dims: ClassVar[tuple[str, ...]] = ("h", "w")
+    """The names of the latents' axes after (B, C)."""
+
     def __init__(self, pipe):
-        for name in ("unet", "vae", "scheduler", "encode_prompt", "image_processor"):
+        for name in ("unet", "vae", "scheduler", "encode_prompt"):
             if not hasattr(pipe, name):
                 raise TypeError(
-                    f"pipe must be a diffusers StableDiffusionPipeline; {type(pipe).__name__} "
-                    f"has no .{name}"
+                    f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no .{name}"
                 )
         self.pipe = pipe
 
     @classmethod
-    def from_pipe(cls, pipe) -> GuidedStableDiffusion:
-        """The guided sampler over a loaded ``StableDiffusionPipeline``."""
+    def from_pipe(cls, pipe):
+        """The guided sampler over a loaded pipeline."""
         return cls(pipe)
 
     @property
@@ -71,6 +84,11 @@ class GuidedStableDiffusion:
         """The dtype of the latents and of the gradients (float32 for half weights)."""
         return working_dtype(self.pipe.unet.dtype)
 
+    def pipeline_default(self, name: str):
+        """The default of the pipeline's own ``__call__`` argument ``name`` (its
+        ``guidance_scale``, ``output_type``)."""
+        return inspect.signature(type(self.pipe).__call__).parameters[name].default
+
     def encode(
         self,
         prompt=None,
@@ -81,7 +99,8 @@ class GuidedStableDiffusion:
         negative_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts' embeddings (B, L, D) and the negative prompt's (1, L, D), in
-        :attr:`dtype`, by the pipeline's ``encode_prompt``.
+        :attr:`dtype`, by the pipeline's ``encode_prompt`` (B = prompts ×
+        ``num_images_per_prompt``, the samples of each prompt, images or videos).
 
         One negative prompt (or ``negative_prompt_embeds`` of batch 1) serves the whole batch:
         it is the model's unconditional embedding.
@@ -149,27 +168,172 @@ class GuidedStableDiffusion:
         """The UNet as a sagkit model, the negative embeddings (1, L, D) its ``null_cond``."""
         return TextConditionedModel(self.pipe.unet, self.pipe.scheduler, negative_embeds)
 
-    def latent_loss(self, loss_fn: Callable) -> Callable:
-        """z ↦ loss_fn(D(z / s)) on the pipeline's VAE; ``loss_fn`` takes images in [-1, 1]."""
-        return decoded_loss(self.pipe.vae, loss_fn)
+    def defaults(self, loss_fn: Callable | None = None) -> dict:
+        """The pipeline's defaults, over sagkit's (:data:`sagkit.guidance.config.DEFAULTS`):
+        the pipeline's own default ``guidance_scale`` as w (7.5 for Stable Diffusion and
+        AnimateDiff, 9 for TextToVideoSD), its own scheduler as the base sampler, and no
+        guidance without a ``loss_fn``. A preset's values override them."""
+        return {
+            **DEFAULTS,
+            "cfg_scale": float(self.pipeline_default("guidance_scale")),
+            "sampler": self.pipe.scheduler,
+            "guidance": "sag" if loss_fn is not None else "none",
+        }
 
-    def initial_noise(self, batch: int, *, height: int, width: int, generator=None) -> torch.Tensor:
-        """x_T (B, C, h, w), h = height / f, w = width / f (f the VAE's downsampling), drawn as
-        the pipeline draws its latents (before its ``init_noise_sigma``): ``generator`` is
-        ``None``, one ``torch.Generator`` or a list of B of them (one per image)."""
-        from diffusers.utils.torch_utils import randn_tensor
+    def latent_shape(self, batch: int, **sizes) -> tuple[int, ...]:
+        """The shape of x_T for ``batch`` samples of the given sizes (checked)."""
+        raise NotImplementedError
 
-        check_count(batch, "batch")
-        check_count(height, "height")
-        check_count(width, "width")
-        _check_generator(generator, batch)
+    def latent_sizes(self, latents: torch.Tensor) -> dict:
+        """The sizes (the keywords of :meth:`latent_shape`) that latents of this shape have."""
+        raise NotImplementedError
+
+    def spatial_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(h, w) = (height, width) / f, f the VAE's downsampling, checked to be positive
+        multiples of f; a side not given is the UNet's ``sample_size`` (diffusers' default)."""
         factor = self.pipe.vae_scale_factor
+        default = self.pipe.unet.config.sample_size * factor
+        height = check_count(default if height is None else height, "height")
+        width = check_count(default if width is None else width, "width")
         if height % factor or width % factor:
             raise ValueError(
                 f"height and width must be multiples of {factor}, got {height}×{width}"
             )
-        shape = (batch, self.pipe.unet.config.in_channels, height // factor, width // factor)
+        return height // factor, width // factor
+
+    def initial_noise(self, batch: int, *, generator=None, **sizes) -> torch.Tensor:
+        """x_T of :meth:`latent_shape`, drawn as the pipeline draws its latents (before its
+        ``init_noise_sigma``): ``generator`` is ``None``, one ``torch.Generator`` or a list of
+        B of them (one per sample)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        check_count(batch, "batch")
+        shape = self.latent_shape(batch, **sizes)
+        _check_generator(generator, batch)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def check_latents(self, latents, batch: int, **sizes) -> None:
+        """Raise unless ``latents`` is a tensor (``batch``, C, …) of the layout
+        :attr:`latent_dims`, C the UNet's ``in_channels``, every axis >= 1, and each size
+        given (not ``None``) is the one the latents have."""
+        layout = ", ".join(self.latent_dims)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(
+                f"latents must be a torch.Tensor (B, C, {layout}), got {type(latents).__name__}"
+            )
+        channels = self.pipe.unet.config.in_channels
+        if (
+            latents.ndim != 2 + len(self.latent_dims)
+            or latents.shape[1] != channels
+            or 0 in latents.shape[2:]
+        ):
+            raise ValueError(
+                f"latents must have shape ({batch}, {channels}, {layout}) (B, the UNet's "
+                f"in_channels, {layout} >= 1), got {tuple(latents.shape)}"
+            )
+        if latents.shape[0] != batch:
+            raise ValueError(
+                f"latents must have batch size {batch} (prompts × samples per prompt), "
+                f"got shape {tuple(latents.shape)}"
+            )
+        for name, have in self.latent_sizes(latents).items():
+            given = sizes.get(name)
+            if given is not None and given != have:
+                raise ValueError(
+                    f"{name} must be {have} for latents of shape {tuple(latents.shape)} "
+                    f"(the VAE's factor {self.pipe.vae_scale_factor}), or left out; "
+                    f"got {given!r}"
+                )
+
+    def prepare_latents(self, latents, batch: int, *, generator=None, **sizes) -> torch.Tensor:
+        """x_T: :meth:`initial_noise` of the given sizes, or ``latents`` checked
+        (:meth:`check_latents`), in :attr:`dtype` on the pipeline's device."""
+        if latents is None:
+            return self.initial_noise(batch, generator=generator, **sizes)
+        _check_generator(generator, batch)
+        self.check_latents(latents, batch, **sizes)
+        return latents.to(self.device, self.dtype)
+
+    def sample(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        null: torch.Tensor,
+        *,
+        loss_fn: Callable | None,
+        config: GuidanceConfig | None = None,
+        preset: str | None = None,
+        generator=None,
+        progress: bool = True,
+        return_losses: bool = False,
+        **options,
+    ):
+        """Guided sampling of latents: z from x_T = ``latents``, conditioned on ``cond``
+        (B, L, D) with CFG around ``null`` (1, L, D), guided by ``loss_fn`` on latents (the
+        decoded loss of the subclass); returns (z, the losses along the run or ``None``
+        without ``return_losses``).
+
+        The configuration is ``config`` (the ``options`` given override its fields), or one
+        resolved from :meth:`defaults`, then the ``preset`` (built from the pipeline's
+        scheduler config), then the ``options``.
+        """
+        model = self.model(null)
+        if config is None:
+            config = GuidanceConfig.resolve(
+                preset=preset, model=model, cond=cond, defaults=self.defaults(loss_fn), **options
+            )
+            options = {}
+        elif preset is not None:
+            raise ValueError(
+                "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
+            )
+        result = guided_sample(
+            model,
+            loss_fn,
+            latents,
+            config=config,
+            cond=cond,
+            generator=generator[0] if isinstance(generator, list) else generator,
+            progress=progress,
+            return_losses=return_losses,
+            **options,
+        )
+        return result if return_losses else (result, None)
+
+
+class GuidedStableDiffusion(GuidedPipeline):
+    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) sampled with guidance.
+
+    Build it with :meth:`from_pipe`. The pipeline's components are used as loaded (dtype,
+    device); nothing is copied or downloaded.
+    """
+
+    pipeline_name = "diffusers StableDiffusionPipeline"
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        if not hasattr(pipe, "image_processor"):
+            raise TypeError(
+                f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no "
+                ".image_processor"
+            )
+
+    def latent_loss(self, loss_fn: Callable) -> Callable:
+        """z ↦ loss_fn(D(z / s)) on the pipeline's VAE; ``loss_fn`` takes images in [-1, 1]."""
+        return decoded_loss(self.pipe.vae, loss_fn)
+
+    def latent_shape(
+        self, batch: int, *, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """(B, C, h, w), h = height / f, w = width / f (f the VAE's downsampling; a side not
+        given is the UNet's ``sample_size``), C the UNet's ``in_channels``."""
+        h, w = self.spatial_size(height, width)
+        return batch, self.pipe.unet.config.in_channels, h, w
+
+    def latent_sizes(self, latents: torch.Tensor) -> dict:
+        """``height`` and ``width`` of the images of latents (B, C, h, w): h·f and w·f."""
+        factor = self.pipe.vae_scale_factor
+        return {"height": latents.shape[2] * factor, "width": latents.shape[3] * factor}
 
     def __call__(
         self,
@@ -226,8 +390,7 @@ class GuidedStableDiffusion:
             diffusers' ``StableDiffusionPipelineOutput`` (``.images``,
             ``.nsfw_content_detected``), with ``return_losses`` a pair (output, losses).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_output_type(output_type)
         cond, null = self.encode(
             prompt,
             negative_prompt=negative_prompt,
@@ -235,82 +398,23 @@ class GuidedStableDiffusion:
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
         )
-        model = self.model(null)
-        if config is None:
-            config = GuidanceConfig.resolve(
-                preset=preset, model=model, cond=cond, defaults=self.defaults(loss_fn), **options
-            )
-            options = {}
-        elif preset is not None:
-            raise ValueError(
-                "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
-            )
-        batch = cond.shape[0]
-        if latents is None:
-            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            latents = self.initial_noise(
-                batch,
-                height=size if height is None else height,
-                width=size if width is None else width,
-                generator=generator,
-            )
-        else:
-            _check_generator(generator, batch)
-            self._check_latents(latents, batch, height=height, width=width)
-        result = guided_sample(
-            model,
-            None if loss_fn is None else self.latent_loss(loss_fn),
-            latents.to(self.device, self.dtype),
+        x_T = self.prepare_latents(
+            latents, cond.shape[0], generator=generator, height=height, width=width
+        )
+        z, losses = self.sample(
+            x_T,
+            cond,
+            null,
+            loss_fn=None if loss_fn is None else self.latent_loss(loss_fn),
             config=config,
-            cond=cond,
-            generator=generator[0] if isinstance(generator, list) else generator,
+            preset=preset,
+            generator=generator,
             progress=progress,
             return_losses=return_losses,
             **options,
         )
-        z, losses = result if return_losses else (result, None)
         output = self.decode(z, output_type=output_type, generator=generator)
         return (output, losses) if return_losses else output
-
-    def _check_latents(self, latents, batch: int, *, height=None, width=None) -> None:
-        """Raise unless ``latents`` is a tensor (``batch``, C, h, w), C the UNet's
-        ``in_channels``, h, w >= 1, and ``height``, ``width`` (where given) are h·f, w·f."""
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(
-                f"latents must be a torch.Tensor (B, C, h, w), got {type(latents).__name__}"
-            )
-        channels = self.pipe.unet.config.in_channels
-        if latents.ndim != 4 or latents.shape[1] != channels or 0 in latents.shape[2:]:
-            raise ValueError(
-                f"latents must have shape ({batch}, {channels}, h, w) (B, the UNet's in_channels, "
-                f"h, w >= 1), got {tuple(latents.shape)}"
-            )
-        if latents.shape[0] != batch:
-            raise ValueError(
-                f"latents must have batch size {batch} (prompts × num_images_per_prompt), "
-                f"got shape {tuple(latents.shape)}"
-            )
-        factor = self.pipe.vae_scale_factor
-        for name, given, side in (
-            ("height", height, latents.shape[2]),
-            ("width", width, latents.shape[3]),
-        ):
-            if given is not None and given != side * factor:
-                raise ValueError(
-                    f"{name} must be {side * factor} for latents of shape {tuple(latents.shape)} "
-                    f"(the VAE's factor {factor}), or left out; got {given!r}"
-                )
-
-    def defaults(self, loss_fn: Callable | None = None) -> dict:
-        """The pipeline's defaults, over sagkit's (:data:`sagkit.guidance.config.DEFAULTS`):
-        diffusers' ``guidance_scale`` w = 7.5, the pipeline's own scheduler as the base
-        sampler, and no guidance without a ``loss_fn``. A preset's values override them."""
-        return {
-            **DEFAULTS,
-            "cfg_scale": 7.5,
-            "sampler": self.pipe.scheduler,
-            "guidance": "sag" if loss_fn is not None else "none",
-        }
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, output_type: str = "pil", generator=None):
@@ -331,6 +435,12 @@ class GuidedStableDiffusion:
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
 
+def check_output_type(output_type) -> None:
+    """Raise unless ``output_type`` is one of :data:`OUTPUT_TYPES`."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
 def _check_generator(generator, batch: int) -> None:
     """Raise unless ``generator`` is ``None``, one ``torch.Generator`` or a list of ``batch``
     of them (diffusers refuses a list of another length)."""
@@ -344,8 +454,8 @@ def _check_generator(generator, batch: int) -> None:
         )
     if len(generator) != batch:
         raise ValueError(
-            f"generator must be one torch.Generator or a list of one per image, got a list of "
-            f"{len(generator)} for a batch of {batch} (prompts × num_images_per_prompt)"
+            f"generator must be one torch.Generator or a list of one per sample, got a list of "
+            f"{len(generator)} for a batch of {batch} (prompts × samples per prompt)"
         )
 
 
