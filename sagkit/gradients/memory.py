@@ -89,7 +89,8 @@ def measure_saved(exclude=()):
         if found is not None and found[0] not in excluded and found[0] not in seen:
             seen.add(found[0])
             meter.nbytes += found[1]
-        return tuple(o.pack(tensor) for o in chained) if chained else tensor
+        # detached: a saved output returned as itself would hold its own graph in a cycle
+        return tuple(o.pack(tensor) for o in chained) if chained else tensor.detach()
 
     def unpack(packed):
         return chained[0].unpack(packed[0]) if chained else packed

@@ -280,6 +280,28 @@ def test_budgeted_matches_backprop_for_every_split(scheduler, solver, register_t
             assert rel(g, r) <= F64_AGREE, (engine.name, name, rel(g, r))
 
 
+def test_budgeted_over_its_budget_frees_the_step_it_measured(unet_model):
+    """Over its budget the engine measures one step's graph and drops it; the measuring hooks
+    must not keep it alive through a reference cycle (they did: each gradient leaked one step's
+    graph, 1.6 GiB per guided step at Stable Diffusion's size). No tensor outlives a call."""
+    import gc
+
+    from sagkit.gradients.engines import make_budgeted
+
+    engine = make_budgeted(budget_bytes=1)
+    x, ts = noise((1, 8, 8)), grid(unet_model, n=3)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    sk.loss_grad(unet_model, make_loss(), x, ts, method=engine)  # warm-up: caches, lazy state
+    before = live_tensors()
+    result = sk.loss_grad(unet_model, make_loss(), x, ts, method=engine)
+    del result
+    assert live_tensors() == before
+
+
 def test_budgeted_refuses_zero_weight_tableaus_and_bad_budgets():
     from sagkit.gradients.engines import make_budgeted
 
