@@ -39,11 +39,12 @@ def cpu_threads(environ: Mapping[str, str], cores: int) -> int | None:
     - else half the ``cores`` this process may run on, at least 1.
 
     Why half: torch's OpenMP threads spin while they wait for each other, so when another
-    CPU-bound process takes a core they spin against it. With torch on every core of a 2-core
-    machine and one competing process, a symplectic gradient on the digits UNet took 4.3× its
-    quiet time; with one thread, 0.9× (and quiet, one thread cost 2 % against two). The
-    benchmark ``benchmarks/shared_machine.py`` measures whole notebooks and the report, quiet
-    against loaded. On a many-core machine that runs one large model alone, set
+    CPU-bound process takes a core they spin against it. On 2 cores, beside one busy process, a
+    symplectic gradient on the digits UNet took 6.1× its quiet time with torch on both cores and
+    1.0× with one thread; quiet, one thread was 1.4× slower than two
+    (``benchmarks/shared_machine.py``, which also times every notebook and the report, quiet
+    against loaded; libgomp's passive waiting, the other remedy, was 2.3× slower quiet). On a
+    many-core machine that runs one large model alone, set
     ``SAGKIT_THREADS`` (or ``OMP_NUM_THREADS``) to the core count to get the full peak back.
     """
     given = environ.get(THREADS_VARIABLE)
