@@ -25,8 +25,12 @@ def _shared(latent_size: int, seed: int) -> dict:
     return dict(tiny_pipeline(latent_size=latent_size, seed=seed).components)
 
 
-def _finish(pipe, dtype):
-    """No progress bar, eval mode, no parameter gradients, every module in ``dtype``."""
+def _finish(pipeline_class, parts: dict, dtype, **modules):
+    """``pipeline_class`` of the shared text encoder, tokenizer, VAE and scheduler and the
+    ``modules`` given (its UNet, ...): no progress bar, eval mode, no parameter gradients,
+    every module in ``dtype``."""
+    shared = ("vae", "text_encoder", "tokenizer", "scheduler")
+    pipe = pipeline_class(**{name: parts[name] for name in shared}, **modules)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
@@ -49,15 +53,7 @@ def tiny_animatediff(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32
         motion_norm_num_groups=8,
         motion_max_seq_length=32,
     )
-    pipe = AnimateDiffPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        motion_adapter=adapter,
-        scheduler=parts["scheduler"],
-    )
-    return _finish(pipe, dtype)
+    return _finish(AnimateDiffPipeline, parts, dtype, unet=parts["unet"], motion_adapter=adapter)
 
 
 def tiny_text_to_video(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
@@ -78,11 +74,4 @@ def tiny_text_to_video(*, latent_size: int = 8, seed: int = 0, dtype=torch.float
         norm_num_groups=8,
         attention_head_dim=4,
     )
-    pipe = TextToVideoSDPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=unet,
-        scheduler=parts["scheduler"],
-    )
-    return _finish(pipe, dtype)
+    return _finish(TextToVideoSDPipeline, parts, dtype, unet=unet)
