@@ -1,11 +1,13 @@
-"""Memory and time of the guidance gradient at Stable Diffusion's and AnimateDiff's scale,
-without their weights.
+"""Memory and time of the guidance gradient at Stable Diffusion's, AnimateDiff's and Stable
+Diffusion 3's scale, without their weights.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py                    # SD 1.5 size
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --ns 1 2 --rounds 1
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --cfg-scale 7.5    # CFG: batch 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --channels 32 32 64 64 --latent 16
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --model animatediff --ns 1 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd_memory.py --model sd3 --rounds 1 \
+        --json benchmarks/results/sd3_memory.json
 
 ``--model sd15`` (the default): a ``UNet2DConditionModel`` with Stable Diffusion 1.5's
 configuration (block widths 320, 640, 1280, 1280; cross-attention on 768-wide text embeddings
@@ -14,9 +16,14 @@ animatediff``: the ``UNetMotionModel`` diffusers builds from that UNet and a ``M
 of its default configuration (motion modules in every block; about 1.31G parameters), as
 AnimateDiff's pipeline does, on one video of 8 frames of 32×32 latents (``--frames``,
 ``--latent``: 256×256 frames), the text embedding repeated over the frames
-(:class:`sagkit.sd.video.VideoTextModel`). Random weights, float32, on CUDA when present, else
-on the CPU. For n = 1, 2, 4 (``--ns``) it computes the guidance gradient g = ∂L(x̂0)/∂z_t of
-SAG's n-step DDIM estimate from t = 0.6 to 0 (batch 1) by each engine (``--methods``):
+(:class:`sagkit.sd.video.VideoTextModel`). ``--model sd3``: an ``SD3Transformer2DModel`` with
+Stable Diffusion 3 medium's configuration (24 joint blocks of 24 heads of 64, text width 4096,
+pooled width 2048, patch 2, 16 latent channels; about 2.03G parameters) on one 32×32 latent
+(256×256 images, 256 image tokens; ``--latent``), the text 77 CLIP and ``--t5-tokens`` T5
+tokens (default 77; SD3's pipeline pads T5 to 256) and the pooled embedding packed into one
+condition (:class:`sagkit.sd.flow.SD3Model`, the velocity frame of the rectified flow with
+SD3's shift 3). Random weights, float32, on CUDA when present, else on the CPU. For n = 1, 2, 4 (``--ns``) it computes the guidance gradient g = ∂L(x̂0)/∂z_t of
+SAG's n-step DDIM estimate from t = 0.6 to 0 (batch 1; for SD3 the Euler steps of the flow) by each engine (``--methods``):
 backpropagation, the symplectic adjoint, and sagkit's default "budgeted" engine (backprop
 through the last steps while 1 GiB holds their graphs, :data:`sagkit.gradients.engines.
 DEFAULT_BUDGET_BYTES`; the symplectic adjoint for the rest). The UNet is called on the text
@@ -48,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("sd15", "animatediff")
+MODELS = ("sd15", "animatediff", "sd3")
 METHODS = ("symplectic", "backprop", "budgeted")
 SD15 = dict(
     block_out_channels=(320, 640, 1280, 1280),
@@ -56,15 +63,39 @@ SD15 = dict(
     attention_head_dim=8,
     layers_per_block=2,
 )
-DEFAULT_LATENT = {"sd15": 64, "animatediff": 32}
+SD3_MEDIUM = dict(
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+"""Stable Diffusion 3 medium's transformer (its diffusers ``transformer/config.json``)."""
+CLIP_TOKENS = 77
+DEFAULT_LATENT = {"sd15": 64, "animatediff": 32, "sd3": 32}
 VIDEO_TARGET = (16, 64)  # the video --extrapolate defaults to: 16 frames of 64×64 latents
 
 
 def build_unet(model: str, channels, *, latent: int, seed: int = 0):
     """SD 1.5's UNet (``channels`` = its block widths), random weights, float32; for
     ``model="animatediff"`` the ``UNetMotionModel`` of that UNet and a default ``MotionAdapter``
-    (its widths ``channels``), built from their configurations alone."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    (its widths ``channels``), built from their configurations alone; for ``model="sd3"``
+    SD 3 medium's transformer (``channels`` unused)."""
+    from diffusers import (
+        MotionAdapter,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNetMotionModel,
+    )
+
+    if model == "sd3":
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel(**SD3_MEDIUM, sample_size=latent).eval()
 
     config = {**SD15, "block_out_channels": tuple(channels), "sample_size": latent}
     if model == "sd15":
@@ -78,9 +109,27 @@ def build_unet(model: str, channels, *, latent: int, seed: int = 0):
 
 
 def latent_shape(args) -> tuple[int, ...]:
-    """x_t's shape: (1, 4, latent, latent), or (1, 4, frames, latent, latent) for a video."""
+    """x_t's shape: (1, 4, latent, latent), (1, 4, frames, latent, latent) for a video, or
+    (1, 16, latent, latent) for SD3."""
     side = (args.latent, args.latent)
+    if args.model == "sd3":
+        return (1, SD3_MEDIUM["in_channels"], *side)
     return (1, 4, *side) if args.model == "sd15" else (1, 4, args.frames, *side)
+
+
+def sd3_model(transformer, args, gen: torch.Generator, device):
+    """SD3's transformer as a model (:class:`sagkit.sd.flow.SD3Model`) and a random text
+    condition: 77 + ``args.t5_tokens`` tokens of width 4096 and a pooled embedding, packed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sagkit.sd.flow import SD3Model, pack_text
+
+    tokens = CLIP_TOKENS + args.t5_tokens
+    text = torch.randn(1, tokens, SD3_MEDIUM["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(1, SD3_MEDIUM["pooled_projection_dim"], generator=gen)
+    cond = pack_text(text, pooled).to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return SD3Model(transformer, scheduler, torch.zeros_like(cond)), cond
 
 
 def worker(args) -> dict:
@@ -96,12 +145,15 @@ def worker(args) -> dict:
     unet = unet.to(device).requires_grad_(False)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False)
     gen = torch.Generator().manual_seed(1)
-    text = torch.randn(1, 77, SD15["cross_attention_dim"], generator=gen).to(device)
-    if args.model == "sd15":
-        from sagkit.sd.latent import TextConditionedModel as Wrapper
-    else:  # the text embedding repeated over the frames
-        from sagkit.sd.video import VideoTextModel as Wrapper
-    model = Wrapper(unet, scheduler, torch.zeros_like(text))
+    if args.model == "sd3":
+        model, text = sd3_model(unet, args, gen, device)
+    else:
+        text = torch.randn(1, 77, SD15["cross_attention_dim"], generator=gen).to(device)
+        if args.model == "sd15":
+            from sagkit.sd.latent import TextConditionedModel as Wrapper
+        else:  # the text embedding repeated over the frames
+            from sagkit.sd.video import VideoTextModel as Wrapper
+        model = Wrapper(unet, scheduler, torch.zeros_like(text))
     if args.cfg_scale is not None:
         model = sk.ClassifierFreeGuidance(model, model.null_cond, args.cfg_scale)
     z = torch.randn(latent_shape(args), generator=gen).to(device)
@@ -122,6 +174,7 @@ def worker(args) -> dict:
         "n": args.n,
         "cfg_scale": args.cfg_scale,
         "latent_shape": list(z.shape),
+        "text_tokens": text.shape[1],
         "device": str(device),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "time_s": report.wall_time_s,
@@ -157,6 +210,7 @@ def run(args) -> list[dict]:
     runs = []
     common = ["--model", args.model, "--channels", *map(str, args.channels)]
     common += ["--latent", str(args.latent), "--frames", str(args.frames)]
+    common += ["--t5-tokens", str(args.t5_tokens)]
     if args.cfg_scale is not None:
         common += ["--cfg-scale", str(args.cfg_scale)]
     methods = list(args.methods)
@@ -284,9 +338,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--channels", type=int, nargs="+", default=list(SD15["block_out_channels"]))
     p.add_argument(
-        "--latent", type=int, default=None, help="latent side (default 64 for sd15, 32 video)"
+        "--latent",
+        type=int,
+        default=None,
+        help="latent side (default 64 for sd15, 32 for video and sd3)",
     )
     p.add_argument("--frames", type=int, default=8, help="video frames (animatediff)")
+    p.add_argument("--t5-tokens", type=int, default=77, help="T5 tokens of the text (sd3)")
     p.add_argument("--cfg-scale", type=float, default=None, help="CFG inside the steps (batch 2)")
     p.add_argument(
         "--extrapolate",

@@ -27,7 +27,7 @@ from .core.device import apply_cpu_threads
 from .core.estimates import estimate_x0, rms_distance
 from .core.inversion import inversion_error, invert
 from .core.models import ClassifierFreeGuidance, DiffusersModel, GaussianMixture
-from .core.schedules import VPSchedule, time_grid
+from .core.schedules import FlowSchedule, Schedule, VPSchedule, time_grid
 from .core.sde import encode, recover_noise, sde_sample
 from .core.solvers import SOLVERS, Tableau, register_solver, solve
 from .digits.classifier import DigitsClassifier
@@ -45,6 +45,7 @@ from .gradients import (
 from .gradients.optimize import evaluate_morphs, morph, optimize_latent
 from .guidance import losses
 from .guidance.config import GuidanceConfig
+from .guidance.family import LGD, MPGD, TFG, UGD
 from .guidance.methods import GUIDANCE, GuidanceMethod
 from .guidance.presets import PRESETS
 from .guidance.sampler import guided_sample
@@ -59,6 +60,8 @@ apply_cpu_threads()
 __all__ = [
     # core: schedules, models, solvers, estimates, SDE, inversion
     "VPSchedule",
+    "FlowSchedule",
+    "Schedule",
     "time_grid",
     "GaussianMixture",
     "DiffusersModel",
@@ -87,6 +90,10 @@ __all__ = [
     "GUIDANCE",
     "GuidanceMethod",
     "GuidanceConfig",
+    "LGD",
+    "MPGD",
+    "UGD",
+    "TFG",
     "PRESETS",
     "guided_sample",
     "optimize_latent",

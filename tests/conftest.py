@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from helpers import tiny_unet, write_style_image  # tiny_unet: also importable from here
+from helpers import (  # tiny_unet: also importable from here
+    SCHEDULES,
+    mixture_under,
+    tiny_unet,
+    write_style_image,
+)
 
 import sagkit as sk
 from sagkit.digits.classifier import DigitsClassifier
@@ -21,15 +26,11 @@ def unet_model(scheduler):
     return sk.DiffusersModel(tiny_unet().double().eval(), scheduler)
 
 
-@pytest.fixture
-def mixture():
-    """A 3-component Gaussian mixture on 2×2 images, float64, linear schedule."""
-    means = torch.tensor(
-        [[[1.0, -0.5], [0.3, 0.8]], [[-1.0, 0.2], [0.5, -0.7]], [[0.0, 0.9], [-0.8, 0.1]]]
-    )
-    return sk.GaussianMixture(
-        means[:, None].double(), 0.3, sk.VPSchedule.linear(), weights=[0.5, 0.3, 0.2]
-    )
+@pytest.fixture(params=list(SCHEDULES))
+def mixture(request):
+    """A 3-component Gaussian mixture on 2×2 images, float64, under the linear VP schedule and
+    under the rectified flow (the same tests pass under both: docs/maths.md §1.5)."""
+    return mixture_under(SCHEDULES[request.param])
 
 
 @pytest.fixture

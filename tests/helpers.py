@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sagkit.core.models import GaussianMixture
-from sagkit.core.schedules import time_grid
+from sagkit.core.schedules import FlowSchedule, VPSchedule, time_grid
 
 __all__ = [
     "exit_code",
@@ -338,3 +338,31 @@ def write_style_image(path):
     pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def top_time(schedule) -> float:
+    """The latest start of a test grid at which α > 0: 1 for a VP schedule, 0.999 for a flow
+    schedule (α_1 = 0 there: the ε and SDE frames and a grid uniform in λ need α > 0)."""
+    return 1.0 if schedule.alpha(1.0) > 0 else 0.999
+
+
+SCHEDULES = {"vp": VPSchedule.linear(), "flow": FlowSchedule.rectified(shift=3.0)}
+"""The two kinds of schedule every exactness test of the mixture runs under: the linear VP
+schedule, and the rectified flow with SD3's shift s = 3."""
+
+
+def mixture_under(schedule):
+    """The 3-component test mixture on 2×2 images, float64, under ``schedule``."""
+    means = torch.tensor(
+        [[[1.0, -0.5], [0.3, 0.8]], [[-1.0, 0.2], [0.5, -0.7]], [[0.0, 0.9], [-0.8, 0.1]]]
+    )
+    return GaussianMixture(means[:, None].double(), 0.3, schedule, weights=[0.5, 0.3, 0.2])
+
+
+PROMPTS = ["a red fox", "a lighthouse"]
+"""The two prompts of the pipeline tests."""
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)

@@ -135,7 +135,7 @@ def check_model(model, name: str = "model") -> None:
     missing = [a for a in ("schedule", "eps") if not hasattr(model, a)]
     if missing:
         raise TypeError(
-            f"{name} must be a model of the protocol (with .schedule, a VPSchedule, and "
+            f"{name} must be a model of the protocol (with .schedule, a VPSchedule or FlowSchedule, and "
             f".eps(x, t, cond)); {type(model).__name__} has no {', '.join('.' + m for m in missing)}"
         )
 

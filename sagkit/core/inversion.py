@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_count, check_grid, check_inputs, show_progress
 from .estimates import rms_distance
-from .frames import get_frame
+from .frames import ode_frame
 from .solvers import solve
 
 __all__ = ["invert", "inversion_error"]
@@ -55,15 +55,14 @@ def invert(
     check_count(fixed_point_iters, "fixed_point_iters", low=0)
     ts = check_grid(ts)
     progress = show_progress(progress, len(ts) - 1)
-    frame = get_frame("eps")  # κ = α, ν = ρ, F = ε: the DDIM step is Euler in (x/α, ρ)
+    frame = ode_frame(model.schedule)  # the DDIM step is Euler in the ODE's frame
     sc = model.schedule
     x = x0
     for k in tqdm(range(len(ts) - 1, 0, -1), desc="invert", disable=not progress, leave=False):
         t, s = float(ts[k]), float(ts[k - 1])
-        y_t, d_nu = x / frame.kappa(sc, t), frame.nu(sc, s) - frame.nu(sc, t)
-        x_s = frame.kappa(sc, s) * (y_t + d_nu * frame.predict(model, x, t, cond))
+        x_s = frame.euler(sc, x, t, s, frame.predict(model, x, t, cond))
         for _ in range(fixed_point_iters):
-            x_s = frame.kappa(sc, s) * (y_t + d_nu * frame.predict(model, x_s, s, cond))
+            x_s = frame.euler(sc, x, t, s, frame.predict(model, x_s, s, cond))
         x = x_s
     return x
 

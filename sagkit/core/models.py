@@ -1,8 +1,11 @@
 """Noise-prediction models in one protocol.
 
-A model is any object with ``.schedule`` (a :class:`~sagkit.VPSchedule`) and
-``.eps(x, t, cond=None)``: x of shape (B, ...), t a float or a (B,) tensor in [0, 1], and
-an optional conditioning tensor. It returns ε(x, t) of x's shape. A conditional model may
+A model is any object with ``.schedule`` (a :class:`~sagkit.VPSchedule` or
+:class:`~sagkit.FlowSchedule`) and ``.eps(x, t, cond=None)``: x of shape (B, ...), t a float or
+a (B,) tensor in [0, 1], and an optional conditioning tensor. It returns ε(x, t) of x's shape.
+A model may also have ``.velocity(x, t, cond=None)``, v = ε − x̂0: a flow-matching network
+predicts it, and it stays finite where α = 0 (t = 1 of a flow schedule), where ε = x carries
+no information about x̂0; the "velocity" frame calls it (:func:`sagkit.core.frames.velocity_of`). A conditional model may
 also have ``.null_cond``, its unconditional conditioning (1, ...): the negative branch of
 classifier-free guidance, and what guided sampling conditions on when no ``cond`` is given
 (:func:`null_cond_of` reads it). Two implementations:
@@ -22,8 +25,8 @@ import torch
 from torch import nn
 
 from .checks import check_cond, check_finite, check_matches, check_scale, check_time
-from .frames import per_sample, tweedie_x0
-from .schedules import VPSchedule
+from .frames import per_sample, velocity_of
+from .schedules import Schedule, VPSchedule
 
 __all__ = [
     "HALF_DTYPES",
@@ -85,7 +88,7 @@ class GaussianMixture(nn.Module):
     log π: a differentiable class conditioning with exact ground truth.
     """
 
-    def __init__(self, means: torch.Tensor, std: float, schedule: VPSchedule, weights=None):
+    def __init__(self, means: torch.Tensor, std: float, schedule: Schedule, weights=None):
         super().__init__()
         means = torch.as_tensor(means)
         if means.ndim < 2:
@@ -123,11 +126,9 @@ class GaussianMixture(nn.Module):
                 f"x must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
             )
 
-    def score(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        """∇_x log p_t(x), shape of x.
-
-        (docs/maths.md §4.1)
-        """
+    def _posterior(self, x: torch.Tensor, t, cond):
+        """(w (B, K), α_t (B,), v_t (B,), μ (K, D), x flattened (B, D)): the posterior weights
+        of the components given x_t = x, and what they were computed from."""
         self._check(x)
         tt = _time_column(t, x)
         alpha = self.schedule.alpha(tt).to(x.dtype)  # (B,)
@@ -148,7 +149,15 @@ class GaussianMixture(nn.Module):
                     f"cond of a GaussianMixture must be ({k},) or (B, {k}) logits, got {tuple(cond.shape)}"
                 )
             logits = logits + cond.to(x)
-        w = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1), alpha, var, mu, flat
+
+    def score(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """∇_x log p_t(x), shape of x.
+
+        (docs/maths.md §4.1)
+        """
+        w, alpha, var, mu, flat = self._posterior(x, t, cond)
+        centred = alpha[:, None, None] * mu[None] - flat[:, None]  # α_t μ_k − x, (B, K, D)
         return (torch.einsum("bk,bkd->bd", w, centred) / var[:, None]).reshape(x.shape)
 
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
@@ -160,9 +169,23 @@ class GaussianMixture(nn.Module):
         return -sigma * self.score(x, t, cond)
 
     def x0(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        """The posterior mean E[x_0 | x_t = x] = (x + σ_t² ∇ log p_t(x)) / α_t: Tweedie's
-        formula, (x − σ_t ε*)/α_t with the exact ε*."""
-        return tweedie_x0(self.schedule, x, _time_column(t, x), self.eps(x, t, cond))
+        """The posterior mean E[x_0 | x_t = x] = Σ_k w_k (μ_k + (α_t s²/v_t)(x − α_t μ_k)):
+        Tweedie's formula (x − σ_t ε*)/α_t written without the division by α_t, so it is
+        finite where α_t = 0 (there it is the mixture's mean).
+
+        (docs/maths.md §4.2)
+        """
+        w, alpha, var, mu, flat = self._posterior(x, t, cond)
+        gain = (alpha * self.std**2 / var)[:, None]  # α_t s²/v_t, (B, 1)
+        mean = w @ mu  # Σ_k w_k μ_k, (B, D)
+        return (mean + gain * (flat - alpha[:, None] * mean)).reshape(x.shape)
+
+    def velocity(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """v*(x, t) = ε* − E[x_0 | x_t = x], finite for t ∈ [0, 1] under any schedule.
+
+        (docs/maths.md §4.2)
+        """
+        return self.eps(x, t, cond) - self.x0(x, t, cond)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -309,19 +332,27 @@ class ClassifierFreeGuidance(nn.Module):
         self.null_cond = check_cond(null_cond, "null_cond")
         self.scale = check_scale(scale, "scale")
 
-    def eps_and_difference(self, x: torch.Tensor, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε̃, Δ): the guided ε̃ = ε_u + w Δ and the difference Δ = ε_c − ε_u, from one
-        network call on the batch [x; x] with conditions [cond; null] (the one place that
-        order is defined), each of x's shape."""
+    def predict_and_difference(
+        self, x: torch.Tensor, t, cond, *, kind: str = "eps"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F̃, Δ): the guided F̃ = F_u + w Δ and the difference Δ = F_c − F_u of the
+        prediction ``kind`` ("eps" or "velocity"; both are affine in ε at fixed x, so CFG on
+        either is the same sampler), from one network call on the batch [x; x] with
+        conditions [cond; null] (the one place that order is defined), each of x's shape."""
         if cond is None:
             raise ValueError("ClassifierFreeGuidance needs cond")
         null = self.null_cond.to(cond).expand_as(cond)
         tt = _time_column(t, x)
-        e = self.model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null]))
-        e_cond, e_uncond = e.chunk(2)
-        difference = e_cond - e_uncond
-        return e_uncond + self.scale * difference, difference
+        xx, tt, cc = torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])
+        out = self.model.eps(xx, tt, cc) if kind == "eps" else velocity_of(self.model, xx, tt, cc)
+        out_cond, out_uncond = out.chunk(2)
+        difference = out_cond - out_uncond
+        return out_uncond + self.scale * difference, difference
 
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        """ε̃ = ε_u + w (ε_c − ε_u) (:meth:`eps_and_difference`)."""
-        return self.eps_and_difference(x, t, cond)[0]
+        """ε̃ = ε_u + w (ε_c − ε_u) (:meth:`predict_and_difference`)."""
+        return self.predict_and_difference(x, t, cond)[0]
+
+    def velocity(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """ṽ = v_u + w (v_c − v_u) (:meth:`predict_and_difference`)."""
+        return self.predict_and_difference(x, t, cond, kind="velocity")[0]

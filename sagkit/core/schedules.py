@@ -1,9 +1,15 @@
-"""Variance-preserving noise schedules on continuous time t ∈ [0, 1].
+"""Noise schedules on continuous time t ∈ [0, 1]: variance-preserving and rectified flow.
 
-    x_t = α_t x_0 + σ_t ε,    α_t² + σ_t² = 1,    λ_t = log(α_t / σ_t)  (half log-SNR).
+    x_t = α_t x_0 + σ_t ε,    λ_t = log(α_t / σ_t)  (half log-SNR).
 
-A schedule is defined by log α_t and its inverse; σ, λ and the inverse t(λ) follow from it.
-Every method takes a Python float or a tensor and returns the same kind.
+- :class:`VPSchedule`: α_t² + σ_t² = 1 (DDPM, Stable Diffusion 1–2, the digits models);
+  defined by log α_t and its inverse.
+- :class:`FlowSchedule`: α_t = 1 − σ_t, the rectified flow of Stable Diffusion 3 and FLUX,
+  with their time shift σ_t = s t / (1 + (s − 1) t).
+
+Both are a :class:`Schedule`: α, σ, λ and the inverse t(λ), and ``ode``, the frame their
+probability-flow ODE is solved in (:func:`sagkit.core.frames.ode_frame`). Every method takes
+a Python float or a tensor and returns the same kind (docs/maths.md §1).
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ import torch
 
 from .checks import check_count, check_name, check_time
 
-__all__ = ["VPSchedule", "time_grid", "nearest_index", "check_time"]
+__all__ = [
+    "Schedule",
+    "VPSchedule",
+    "FlowSchedule",
+    "is_flow_scheduler",
+    "time_grid",
+    "nearest_index",
+    "check_time",
+]
 
 
 def _is_tensor(x) -> bool:
@@ -34,7 +48,47 @@ def _like(value: torch.Tensor, template):
     return float(value)
 
 
-class VPSchedule:
+class Schedule:
+    """The protocol of a noise schedule: α_t, σ_t, λ_t = log(α_t/σ_t) and the inverse t(λ).
+
+    A subclass implements :meth:`log_alpha`, :meth:`alpha`, :meth:`sigma`, :meth:`lam` and
+    :meth:`t_of_lam` (floats in, floats out; tensors in, tensors of the input's dtype out,
+    computed in float64). λ decreases strictly in t, so t(λ) is well defined.
+
+    Attributes:
+        name: short description, shown in ``repr``.
+        t_min: the smallest time at which a sampler should stop (λ is finite there).
+        num_train_timesteps: N for a discrete (diffusers) schedule, else ``None``.
+        ode: the frame of the probability-flow ODE (docs/maths.md §2.5): "eps" (y = x/α over
+            ρ = σ/α, slope ε) where α > 0 on [0, 1], "velocity" (x/(α + σ) over
+            σ/(α + σ), slope v = ε − x̂0) where α reaches 0 at t = 1.
+    """
+
+    ode = "eps"
+    name = "schedule"
+    t_min = 1e-3
+    num_train_timesteps = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def alpha(self, t):
+        raise NotImplementedError
+
+    def sigma(self, t):
+        raise NotImplementedError
+
+    def lam(self, t):
+        raise NotImplementedError
+
+    def t_of_lam(self, lam):
+        raise NotImplementedError
+
+
+class VPSchedule(Schedule):
     """A variance-preserving schedule given by ``log α_t`` and its inverse.
 
     Use the constructors :meth:`linear`, :meth:`cosine` and :meth:`from_diffusers`.
@@ -55,9 +109,6 @@ class VPSchedule:
         self.name = name
         self.t_min = float(t_min)
         self.num_train_timesteps = num_train_timesteps
-
-    def __repr__(self) -> str:
-        return f"VPSchedule.{self.name}"
 
     # --- constructors -------------------------------------------------------------------
     @classmethod
@@ -170,6 +221,110 @@ class VPSchedule:
         return _like(self._t_of_log_alpha(la), lam)
 
 
+class FlowSchedule(Schedule):
+    """The rectified flow x_t = (1 − σ_t) x_0 + σ_t ε with the time shift of SD3 and FLUX.
+
+        σ_t = s t / (1 + (s − 1) t),   α_t = 1 − σ_t,   λ_t = log((1 − σ_t)/σ_t),
+
+    and t(λ): σ = 1/(1 + e^λ), t = σ / (s − (s − 1) σ). s = 1 is the plain rectified flow
+    (σ_t = t); s > 1 spends more of a uniform time grid at high noise (SD3 uses s = 3). α
+    vanishes at t = 1 (λ = −∞), where x_1 = ε: the ODE is solved in the "velocity" frame,
+    which stays finite there (docs/maths.md §1.5, §2.5).
+
+    Attributes:
+        shift: s.
+        num_train_timesteps: N of a diffusers scheduler: the network is called with the
+            timestep σ_t · N (diffusers' convention for flow matching), else ``None``.
+    """
+
+    ode = "velocity"
+
+    def __init__(self, *, shift: float = 1.0, num_train_timesteps=None, t_min: float = 1e-3):
+        if not shift > 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.shift = float(shift)
+        self.name = f"rectified(shift={self.shift:g})"
+        self.num_train_timesteps = num_train_timesteps
+        self.t_min = float(t_min)
+
+    @classmethod
+    def rectified(cls, *, shift: float = 1.0) -> FlowSchedule:
+        """The rectified flow with time shift ``shift`` (1: σ_t = t)."""
+        return cls(shift=shift)
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> FlowSchedule:
+        """The schedule of a diffusers flow-matching scheduler
+        (``FlowMatchEulerDiscreteScheduler``): its ``shift`` and N = ``num_train_timesteps``.
+
+        With dynamic shifting (FLUX) the shift is chosen per image size at sampling time;
+        the schedule keeps s = 1 and a sampler's times follow its own σ's (t = t(σ)), so
+        the model is the same function of σ either way.
+
+        (docs/maths.md §1.5)
+        """
+        if not is_flow_scheduler(scheduler):
+            raise TypeError(
+                f"{type(scheduler).__name__} is not a flow-matching scheduler (it needs a shift "
+                "in its config and no alphas_cumprod); pass a FlowMatchEulerDiscreteScheduler"
+            )
+        config = scheduler.config
+        n = int(config["num_train_timesteps"])
+        shift = 1.0 if config.get("use_dynamic_shifting") else float(config["shift"])
+        return cls(shift=shift, num_train_timesteps=n, t_min=1.0 / n)
+
+    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        """σ_t = s t / (1 + (s − 1) t), float64."""
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def t_of_sigma(self, sigma):
+        """The inverse of σ_t: t = σ / (s − (s − 1) σ).
+
+        (docs/maths.md §1.5)
+        """
+        sg = _as_float64(sigma)
+        return _like(sg / (self.shift - (self.shift - 1) * sg), sigma)
+
+    def log_alpha(self, t):
+        """log α_t = log(1 − σ_t)."""
+        return _like(torch.log1p(-self.sigma_of_t(_as_float64(t))), t)
+
+    def alpha(self, t):
+        """α_t = 1 − σ_t."""
+        return _like(1 - self.sigma_of_t(_as_float64(t)), t)
+
+    def sigma(self, t):
+        """σ_t = s t / (1 + (s − 1) t).
+
+        (docs/maths.md §1.5)
+        """
+        return _like(self.sigma_of_t(_as_float64(t)), t)
+
+    def lam(self, t):
+        """λ_t = log(α_t/σ_t) = log((1 − t)/(s t)): −∞ at t = 1, +∞ at t = 0.
+
+        (docs/maths.md §1.5)
+        """
+        tt = _as_float64(t)
+        return _like(torch.log1p(-tt) - torch.log(self.shift * tt), t)
+
+    def t_of_lam(self, lam):
+        """The inverse of :meth:`lam`: σ = 1/(1 + e^λ), then t = t(σ); ±∞ map to 0 and 1.
+
+        (docs/maths.md §1.5)
+        """
+        sigma = torch.sigmoid(-_as_float64(lam))
+        return _like(sigma / (self.shift - (self.shift - 1) * sigma), lam)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a diffusers scheduler is a flow-matching one: a ``shift`` in its config and no
+    ``alphas_cumprod`` (a VP scheduler built from a flow config keeps the ``shift`` key but has
+    ``alphas_cumprod``)."""
+    config = getattr(scheduler, "config", None) or {}
+    return "shift" in config and getattr(scheduler, "alphas_cumprod", None) is None
+
+
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of (xp, fp) at x, xp increasing; linear beyond the ends."""
     idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous(), right=False)
@@ -179,7 +334,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 
 
 def time_grid(
-    schedule: VPSchedule, t_start: float, t_end: float, n: int, *, spacing: str = "time"
+    schedule: Schedule, t_start: float, t_end: float, n: int, *, spacing: str = "time"
 ) -> torch.Tensor:
     """n + 1 strictly decreasing times from t_start to t_end (float64, shape (n + 1,)).
 
@@ -201,6 +356,11 @@ def time_grid(
     if spacing == "lambda":
         if t_end <= 0:
             raise ValueError("spacing='lambda' needs t_end > 0 (λ is infinite at t = 0)")
+        if not math.isfinite(schedule.lam(float(t_start))):
+            raise ValueError(
+                f"spacing='lambda' needs a finite λ at t_start = {t_start} ({schedule!r} has "
+                "α = 0 there); start below it or use spacing='time'"
+            )
         lams = torch.linspace(
             schedule.lam(float(t_start)), schedule.lam(float(t_end)), n + 1, dtype=torch.float64
         )

@@ -50,9 +50,9 @@ def sde_step(
     return frame.kappa(sc, t) * y
 
 
-def _sde_frame(parameterisation: str, ts: torch.Tensor) -> Frame:
+def _sde_frame(parameterisation: str, ts: torch.Tensor, schedule) -> Frame:
     frame = get_frame(parameterisation, sde=True)
-    frame.check_times(ts)
+    frame.check_times(ts, schedule)
     return frame
 
 
@@ -100,7 +100,7 @@ def sde_sample(
     """
     check_inputs(model, x, cond=cond)
     ts = check_grid(ts)
-    frame = _sde_frame(parameterisation, ts)
+    frame = _sde_frame(parameterisation, ts, model.schedule)
     steps = len(ts) - 1
     progress = show_progress(progress, steps)
     if noise is None:
@@ -131,7 +131,7 @@ def recover_noise(model, states, ts, *, cond=None, parameterisation: str = "eps"
     (docs/maths.md §7.2)
     """
     ts = check_grid(ts)
-    frame = _sde_frame(parameterisation, ts)
+    frame = _sde_frame(parameterisation, ts, model.schedule)
     states = torch.as_tensor(states)
     if states.shape[0] != len(ts):
         raise ValueError(f"states must hold len(ts) = {len(ts)} states, got {states.shape[0]}")

@@ -2,12 +2,15 @@
 
 In y = x/α and ρ = σ/α = e^{−λ} the probability-flow ODE of a noise-prediction model is
 
-    dy/dρ = f(y, ρ) = ε(α(ρ) y, t(ρ)),      α(ρ) = 1/sqrt(1 + ρ²),  t(ρ) = t(λ = −log ρ).
+    dy/dρ = f(y, ρ) = ε(α_{t(ρ)} y, t(ρ)),      t(ρ) = t(λ = −log ρ).
 
 (Lu et al. 2022, DPM-Solver, eq. 3.4; Song et al. 2021, DDIM, eq. 14.) Explicit Euler in
 (y, ρ) is exactly DDIM with η = 0; Heun and classic RK4 on the same ODE are 2nd and 4th
-order. A new explicit tableau is one entry of :data:`SOLVERS`; the gradient engines
-(:mod:`sagkit.gradients`) declare which entries they support.
+order. A flow schedule (α = 0 at t = 1, ρ = ∞) is solved in the "velocity" frame instead,
+y = x/(α + σ) over ν = σ/(α + σ) with slope v = ε − x̂0, where Euler is again DDIM
+(:func:`sagkit.core.frames.ode_frame`; docs/maths.md §2.5). A new explicit tableau is one
+entry of :data:`SOLVERS`; the gradient engines (:mod:`sagkit.gradients`) declare which entries
+they support.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_grid, check_inputs, show_progress
-from .frames import rho_of_t
+from .frames import ode_frame
 from .registry import Registry
 
 __all__ = [
@@ -87,49 +90,53 @@ register_solver(
 
 
 class ProbabilityFlow:
-    """The right-hand side f(y, ρ) = ε(α(ρ) y, t(ρ), cond) of the ODE in (y, ρ).
+    """The right-hand side f(y, ν) = F(κ_{t(ν)} y, t(ν), cond) of the ODE in the schedule's
+    frame (:func:`~sagkit.core.frames.ode_frame`): (y, ν) = (x/α, ρ) and F = ε for VP
+    schedules, (x/(α + σ), σ/(α + σ)) and F = v for flow schedules.
 
     Args:
         model: a model of the protocol.
-        cond: conditioning passed to ``model.eps``.
+        cond: conditioning passed to the model.
     ``nfe`` counts network calls.
 
-    (docs/maths.md §2.1)
+    (docs/maths.md §2.1, §2.5)
     """
 
     def __init__(self, model, cond=None):
         self.model = model
         self.schedule = model.schedule
+        self.frame = ode_frame(model.schedule)
         self.cond = cond
         self.nfe = 0
 
-    def t_of_rho(self, rho: float) -> float:
-        return 0.0 if rho == 0 else self.schedule.t_of_lam(-math.log(rho))
+    def nu(self, t: float) -> float:
+        """The ODE's time variable ν_t (ρ_t for VP schedules)."""
+        return self.frame.nu(self.schedule, float(t))
 
     def __call__(
-        self, y: torch.Tensor, rho: float, t: float | None = None, cond=None
+        self, y: torch.Tensor, nu: float, t: float | None = None, cond=None
     ) -> torch.Tensor:
-        """f(y, ρ); pass ``t`` when it is known exactly (grid points), and ``cond`` to override."""
-        alpha = 1.0 / math.sqrt(1.0 + rho**2)
+        """f(y, ν); pass ``t`` when it is known exactly (grid points), and ``cond`` to override."""
         self.nfe += 1
-        t = self.t_of_rho(rho) if t is None else t
-        return self.model.eps(alpha * y, t, self.cond if cond is None else cond)
+        t = self.frame.t_of_nu(self.schedule, nu) if t is None else t
+        x = self.frame.kappa(self.schedule, t) * y
+        return self.frame.predict(self.model, x, t, self.cond if cond is None else cond)
 
     def to_y(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """y = x / α_t."""
-        return x / self.schedule.alpha(float(t))
+        """y = x / κ_t (x / α_t for VP schedules)."""
+        return x / self.frame.kappa(self.schedule, float(t))
 
     def to_x(self, y: torch.Tensor, t: float) -> torch.Tensor:
-        """x = α_t y."""
-        return self.schedule.alpha(float(t)) * y
+        """x = κ_t y."""
+        return self.frame.kappa(self.schedule, float(t)) * y
 
 
 def rk_stages(
-    f: Callable, y: torch.Tensor, rho: float, h: float, tableau: Tableau, t: float, *, cond=None
+    f: Callable, y: torch.Tensor, nu: float, h: float, tableau: Tableau, t: float, *, cond=None
 ):
-    """The stage states U_i and slopes k_i of one explicit RK step from (y, ρ) with step h.
+    """The stage states U_i and slopes k_i of one explicit RK step from (y, ν) with step h.
 
-    ``t`` is the time at ρ (the grid point), used for stages with c_i = 0.
+    ``t`` is the time at ν (the grid point), used for stages with c_i = 0.
     Returns two lists of length ``tableau.stages``.
 
     (docs/maths.md §2.3)
@@ -142,18 +149,18 @@ def rk_stages(
                 u = u + (h * a_ij) * k_j
         states.append(u)
         c = tableau.c[i]
-        slopes.append(f(u, rho + c * h, t if c == 0 else None, cond))
+        slopes.append(f(u, nu + c * h, t if c == 0 else None, cond))
     return states, slopes
 
 
 def rk_step(
-    f: Callable, y: torch.Tensor, rho: float, h: float, tableau: Tableau, t: float, *, cond=None
+    f: Callable, y: torch.Tensor, nu: float, h: float, tableau: Tableau, t: float, *, cond=None
 ):
     """One explicit RK step: y + h Σ_i b_i k_i.
 
     (docs/maths.md §2.2, §2.3)
     """
-    _, slopes = rk_stages(f, y, rho, h, tableau, t, cond=cond)
+    _, slopes = rk_stages(f, y, nu, h, tableau, t, cond=cond)
     out = y
     for b_i, k_i in zip(tableau.b, slopes, strict=True):
         if b_i:
@@ -198,8 +205,8 @@ def solve(
         callback(0, float(ts[0]), x)
     for k in tqdm(range(len(ts) - 1), desc=f"solve {solver}", disable=not progress, leave=False):
         t, s = float(ts[k]), float(ts[k + 1])
-        rho = rho_of_t(model.schedule, t)
-        y = rk_step(f, y, rho, rho_of_t(model.schedule, s) - rho, tableau, t)
+        nu = f.nu(t)
+        y = rk_step(f, y, nu, f.nu(s) - nu, tableau, t)
         if callback is not None:
             callback(k + 1, s, f.to_x(y, s))
     return f.to_x(y, ts[-1])

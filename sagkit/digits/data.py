@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..core.models import GaussianMixture
-from ..core.schedules import VPSchedule
+from ..core.schedules import Schedule, VPSchedule
 
 __all__ = ["HELDOUT", "digit_images", "digits_dataset", "digits_mixture"]
 
@@ -58,7 +58,7 @@ def digits_mixture(
     n_components: int | None = 512,
     std: float = 0.1,
     size: int = 8,
-    schedule: VPSchedule | None = None,
+    schedule: Schedule | None = None,
     seed: int = 0,
     dtype=torch.float64,
 ) -> GaussianMixture:
@@ -69,7 +69,7 @@ def digits_mixture(
             ``None`` takes all 1797.
         std: component standard deviation, in the [-1, 1] pixel scale.
         size: 8 (native) or a larger side length (bilinear upsampling).
-        schedule: defaults to :meth:`VPSchedule.linear`.
+        schedule: a VP or flow schedule; defaults to :meth:`VPSchedule.linear`.
     Shape of a sample: (1, size, size). ``labels`` holds each component's digit.
     """
     images, labels = digit_images(size)

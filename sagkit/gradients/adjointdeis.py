@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_gradients, check_inputs, show_progress
-from ..core.frames import Frame, get_frame
+from ..core.frames import Frame, get_frame, ode_frame
 from ..core.sde import sde_sample
 from ..core.solvers import SOLVERS, check_grid, solve
 from .api import GradientMethod, evaluate_loss, normalise_wrt, trainable_parameters
@@ -72,7 +72,9 @@ def adjoint_step(frame: Frame, schedule, t: float, s: float, acc, V, *, prev=Non
 
     acc: the adjoint states (u = κ_t a_x, a_z, a_θ...); V: their increments' integrands at
     (x_t, t) (from :func:`_vjp`); prev: ``(V(r), h_prev)`` of the previous step for
-    AdjointDEIS-2M, or ``None`` for AdjointDEIS-1. With h = λ_s − λ_t and r = h_prev/h,
+    AdjointDEIS-2M, or ``None`` for AdjointDEIS-1. With h the frame's step length
+    (:meth:`~sagkit.core.frames.Frame.step_length`: λ_s − λ_t, or ν_s − ν_t in the velocity
+    frame) and r = h_prev/h,
 
         D = V                                         (order 1)
         D = (1 + 1/(2r)) V(t) − (1/(2r)) V(r)         (order 2, multistep)
@@ -85,7 +87,7 @@ def adjoint_step(frame: Frame, schedule, t: float, s: float, acc, V, *, prev=Non
     D = V
     if prev is not None:
         V_r, h_prev = prev
-        h = schedule.lam(float(s)) - schedule.lam(float(t))
+        h = frame.step_length(schedule, t, s)
         if math.isfinite(h_prev) and math.isfinite(h):
             w = 0.5 * h / h_prev  # 1/(2 r)
             D = [(1 + w) * v - w * v_r for v, v_r in zip(V, V_r, strict=True)]
@@ -124,7 +126,7 @@ def adjointdeis_grad(
     ts,
     *,
     order: int = 1,
-    parameterisation: str = "eps",
+    parameterisation: str | None = None,
     states: str = "stored",
     sde: bool = False,
     noise: torch.Tensor | None = None,
@@ -141,8 +143,11 @@ def adjointdeis_grad(
         x: (B, ...) the state at ``ts[0]``.
         ts: strictly decreasing grid; the adjoint uses the same grid backwards.
         order: 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M; its first step is -1).
-        parameterisation: "eps" (the paper: V = α² a_xᵀ ∂ε/∂x) or "data" (W = σ² a_xᵀ ∂x̂0/∂x;
-            needs ts[-1] > 0).
+        parameterisation: "eps" (the paper: V = α² a_xᵀ ∂ε/∂x), "data" (W = σ² a_xᵀ ∂x̂0/∂x;
+            needs ts[-1] > 0) or "velocity" (V = (α + σ)² a_xᵀ ∂v/∂x; the ODE of a flow
+            schedule, finite at t = 1 where α = 0). ``None`` (default): the frame the
+            schedule's ODE is solved in, "eps" for VP schedules and "velocity" for flow ones
+            (:func:`~sagkit.core.frames.ode_frame`; "eps" for the SDE).
         states: "stored" (the forward solve's states, as the authors do) or "resolved" (the
             state is re-solved backwards alongside the adjoint with the same update on F,
             i.e. DDIM / DPM-Solver-2M inversion; ODE only, less accurate).
@@ -162,6 +167,8 @@ def adjointdeis_grad(
     (docs/maths.md §6.1)
     """
     check_inputs(model, x, cond=cond)
+    if parameterisation is None:  # the frame the schedule's ODE is solved in
+        parameterisation = "eps" if sde else ode_frame(model.schedule).prediction
     frame = get_frame(parameterisation, sde=sde)
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M), got {order!r}")
@@ -182,7 +189,7 @@ def adjointdeis_grad(
     ts = check_grid(ts)
     progress = show_progress(progress, len(ts) - 1)
     SOLVERS[solver]
-    frame.check_times(ts)
+    frame.check_times(ts, model.schedule)
     params = trainable_parameters(model) if "params" in names else []
 
     x_end, traj = _forward(
@@ -216,7 +223,7 @@ def adjointdeis_grad(
         if resolve:
             x_t = -frame.kappa(sc, s) * acc.pop()
             V.pop()
-        prev, prev_f, prev_h = V, f, sc.lam(s) - sc.lam(t)
+        prev, prev_f, prev_h = V, f, frame.step_length(sc, t, s)
 
     grads = {"x": acc[0] / frame.kappa(sc, ts[0])}
     if "cond" in names:
@@ -228,9 +235,10 @@ def adjointdeis_grad(
     return loss.detach(), out[0] if single else out
 
 
-def _engine(order: int, parameterisation: str) -> GradientMethod:
-    """AdjointDEIS-1 or -2M in one parameterisation, with stored states, as a gradient engine."""
-    name = f"adjointdeis-{order}" + ("" if parameterisation == "eps" else "-data")
+def _engine(order: int, parameterisation: str | None) -> GradientMethod:
+    """AdjointDEIS-1 or -2M in one parameterisation (``None``: the schedule's own, ε for VP
+    schedules and the velocity for flow schedules), with stored states, as a gradient engine."""
+    name = f"adjointdeis-{order}" + ("" if parameterisation is None else "-data")
 
     def fn(model, loss_fn, x, ts, *, solver, cond, names):
         return adjointdeis_grad(
@@ -250,12 +258,13 @@ def _engine(order: int, parameterisation: str) -> GradientMethod:
         fn,
         wrt=("x", "cond", "params"),
         exact=False,
-        description=f"AdjointDEIS-{'1' if order == 1 else '2M'} ({parameterisation} prediction, "
-        "stored states): the continuous adjoint by an exponential integrator",
+        description=f"AdjointDEIS-{'1' if order == 1 else '2M'} "
+        f"({parameterisation or 'the ODE frame'}'s prediction, stored states): the continuous "
+        "adjoint by an exponential integrator",
         needs_positive_end=parameterisation == "data",  # τ = α/σ is infinite at t = 0
     )
 
 
-BUILTIN = tuple(_engine(order, param) for order in (1, 2) for param in ("eps", "data"))
+BUILTIN = tuple(_engine(order, param) for order in (1, 2) for param in (None, "data"))
 """adjointdeis-1, adjointdeis-2 (eps, stored states) and their -data variants, registered by
 :mod:`sagkit.gradients`."""

@@ -12,6 +12,10 @@
 
 Each engine is a :class:`~sagkit.gradients.api.GradientMethod` in :data:`BUILTIN`; the
 package registers them (docs/maths.md §5 has the formulas, §9 what each keeps in memory).
+The formulas below are written in the (y, ρ) frame of VP schedules; for a flow schedule read
+(y, ν) of the velocity frame, y = x/(α + σ), ν = σ/(α + σ), slope v (docs/maths.md §2.5): every
+engine steps through :class:`~sagkit.core.solvers.ProbabilityFlow`, which takes the frame from
+the schedule, so each is exact under both.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..core.checks import check_count
-from ..core.frames import rho_of_t
+from ..core.frames import ode_frame
 from ..core.solvers import SOLVERS, ProbabilityFlow, rk_stages, rk_step, solve
 from .api import WRT, GradientMethod, evaluate_loss, flat_targets, grad_of, make_leaves, unflatten
 from .memory import checkpoint_contexts, hold, measure_saved
@@ -42,9 +46,11 @@ def _backprop(model, loss_fn, x, ts, *, solver, cond, names):
 
 
 def _steps(schedule, ts) -> list[tuple[float, float, float]]:
-    """(t_k, ρ_k, h_k = ρ_{k+1} − ρ_k) for k = 0..n−1: the very floats :func:`solve` steps with."""
-    rhos = [rho_of_t(schedule, float(t)) for t in ts]
-    return [(float(ts[k]), rhos[k], rhos[k + 1] - rhos[k]) for k in range(len(ts) - 1)]
+    """(t_k, ν_k, h_k = ν_{k+1} − ν_k) for k = 0..n−1, ν the ODE's time variable (ρ for VP
+    schedules): the very floats :func:`solve` steps with."""
+    frame = ode_frame(schedule)
+    nus = [frame.nu(schedule, float(t)) for t in ts]
+    return [(float(ts[k]), nus[k], nus[k + 1] - nus[k]) for k in range(len(ts) - 1)]
 
 
 def _checkpoint(model, loss_fn, x, ts, *, solver, cond, names):
@@ -77,12 +83,12 @@ def _checkpoint(model, loss_fn, x, ts, *, solver, cond, names):
     f = ProbabilityFlow(model, cond)
     with torch.enable_grad():
         y = f.to_y(x, ts[0])
-        for t, rho, h in _steps(model.schedule, ts):
+        for t, nu, h in _steps(model.schedule, ts):
             y = torch_checkpoint(
                 rk_step,
                 f,
                 y,
-                rho,
+                nu,
                 h,
                 tableau,
                 t,
@@ -93,7 +99,7 @@ def _checkpoint(model, loss_fn, x, ts, *, solver, cond, names):
         return loss, grad_of(loss, targets, names)
 
 
-def _stage_graphs(f, y, rho, h, tableau, t):
+def _stage_graphs(f, y, nu, h, tableau, t):
     """Recompute the stages of one step from its stored state y, each U_i a fresh leaf.
 
     Returns ``(U, k)``: lists of the s stage states U_i (leaves that require grad) and slopes
@@ -113,7 +119,7 @@ def _stage_graphs(f, y, rho, h, tableau, t):
         return k.detach()
 
     with torch.no_grad():
-        rk_stages(f_leaf, y, rho, h, tableau, t)
+        rk_stages(f_leaf, y, nu, h, tableau, t)
     return leaves, slopes
 
 
@@ -126,8 +132,8 @@ def _adjoint_sweep(f, states, steps, tableau, lam, zs, z_adj):
     (docs/maths.md §5.3)
     """
     b, a = tableau.b, tableau.a
-    for t, rho, h in reversed(steps):
-        leaves, slopes = _stage_graphs(f, states.pop(), rho, h, tableau, t)
+    for t, nu, h in reversed(steps):
+        leaves, slopes = _stage_graphs(f, states.pop(), nu, h, tableau, t)
         mu = [None] * tableau.stages
         for i in reversed(range(tableau.stages)):
             lam_i = lam
@@ -186,8 +192,8 @@ def _symplectic(model, loss_fn, x, ts, *, solver, cond, names):
     with torch.no_grad():  # forward: the states, no graphs
         y = f.to_y(x.detach(), ts[0])
         states = [hold(y)]
-        for t, rho, h in steps:
-            y = rk_step(f, y, rho, h, tableau, t)
+        for t, nu, h in steps:
+            y = rk_step(f, y, nu, h, tableau, t)
             states.append(hold(y))
 
     with torch.enable_grad():  # the loss, and ∂L/∂x_out (plus any direct ∂L/∂z)
@@ -263,14 +269,14 @@ def _budgeted(model, loss_fn, x, ts, *, solver, cond, names, keep_steps, budget_
         del out, leaf
     with torch.no_grad():  # the recomputed steps: inputs only
         while k < n - m:
-            t, rho, h = steps[k]
-            y = rk_step(f, y, rho, h, tableau, t)
+            t, nu, h = steps[k]
+            y = rk_step(f, y, nu, h, tableau, t)
             states.append(hold(y))
             k += 1
     with torch.enable_grad():  # the kept steps: graphs
         leaf, y = graph if graph is not None else (states[-1].requires_grad_(), states[-1])
-        for t, rho, h in steps[k:]:
-            y = rk_step(f, y, rho, h, tableau, t)
+        for t, nu, h in steps[k:]:
+            y = rk_step(f, y, nu, h, tableau, t)
         loss = evaluate_loss(loss_fn, f.to_x(y, ts[-1]))
         lam, *direct = torch.autograd.grad(loss, [leaf, *zs], allow_unused=True)
     del y, leaf, graph
@@ -348,8 +354,8 @@ def make_budgeted(
 TORCHDIFFEQ_METHODS = {"ddim": "euler", "heun": "heun2", "rk4": "rk4"}
 
 
-def _fixed_grid(rhos: torch.Tensor):
-    """A torchdiffeq ``grid_constructor`` stepping exactly on the ρ grid ``rhos`` (decreasing).
+def _fixed_grid(nus: torch.Tensor):
+    """A torchdiffeq ``grid_constructor`` stepping exactly on the ν grid ``nus`` (decreasing).
 
     torchdiffeq negates decreasing time (forward ρ_0 → ρ_n, and again for the adjoint solve
     ρ_n → ρ_0), so the grid is returned in the sign and orientation of the ``t`` it is asked
@@ -357,7 +363,7 @@ def _fixed_grid(rhos: torch.Tensor):
     """
 
     def construct(func, y0, t):
-        grid = rhos.to(t) if float(t[0] + t[-1]) > 0 else -rhos.to(t)
+        grid = nus.to(t) if float(t[0] + t[-1]) > 0 else -nus.to(t)
         if bool(grid[0] > grid[-1]) != bool(t[0] > t[-1]):
             grid = grid.flip(0)
         grid = grid.clone()
@@ -391,12 +397,12 @@ def _adjoint(model, loss_fn, x, ts, *, solver, cond, names):
 
     x, cond, targets = make_leaves(model, x, cond, names)
     f = ProbabilityFlow(model, cond)
-    rhos = [rho_of_t(model.schedule, float(t)) for t in ts]
-    t_at = {r: float(t) for r, t in zip(rhos, ts, strict=True)}  # exact times at grid points
-    grid = torch.tensor(rhos, dtype=torch.float64, device=x.device)
+    nus = [f.nu(t) for t in ts]
+    t_at = {r: float(t) for r, t in zip(nus, ts, strict=True)}  # exact times at grid points
+    grid = torch.tensor(nus, dtype=torch.float64, device=x.device)
 
-    def rhs(rho, y):
-        r = float(rho.detach())
+    def rhs(nu, y):
+        r = float(nu.detach())
         return f(y, r, t_at.get(r))
 
     adjoint_params = tuple(flat_targets(targets, [w for w in names if w != "x"]))

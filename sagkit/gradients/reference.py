@@ -110,7 +110,8 @@ def exact_gradient(
         raise ValueError("exact_gradient needs a one-component GaussianMixture")
     sc = model.schedule
     a_T, a_e = sc.alpha(float(t_start)), sc.alpha(float(t_end))
-    v_T, v_e = (a**2 * model.std**2 + 1 - a**2 for a in (a_T, a_e))
+    s_T, s_e = sc.sigma(float(t_start)), sc.sigma(float(t_end))
+    v_T, v_e = (a**2 * model.std**2 + s**2 for a, s in ((a_T, s_T), (a_e, s_e)))
     mu = model.means[0].detach().to(x)
     x_e = (a_e * mu + math.sqrt(v_e / v_T) * (x - a_T * mu)).detach().requires_grad_(True)
     with torch.enable_grad():

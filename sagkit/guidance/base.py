@@ -3,19 +3,23 @@
 A base sampler walks a fixed list of times ``times`` = (t_0 = start, …, t_K = the output's
 time), evaluating the model at t_0 … t_{K−1}:
 
-    eps = base.eps(model, x_t, k, cond)           ε(x_t, t_k), (B, ...): the step's network call
-    x_s = base.update(x_t, k, eps, generator=g)    the step t_k → t_{k+1} with that ε
+    pred = base.predict(model, x_t, k, cond)       F(x_t, t_k), (B, ...): the step's network call
+    x_s = base.update(x_t, k, pred, generator=g)   the step t_k → t_{k+1} with that F
 
-Splitting the network call from the update lets the guided sampler reuse ε (the first step of
-the n-step estimate, docs/maths.md §8.8) and change it (backward guidance, §8.9) before the
-update. Two kinds (:func:`make_base`):
+F is the network's prediction in the schedule's ODE frame (:func:`sagkit.core.frames.ode_frame`):
+ε for VP schedules, the velocity v = ε − x̂0 for flow schedules. Splitting the network call
+from the update lets the guided sampler reuse F (the first step of the n-step estimate,
+docs/maths.md §8.8) and change it (backward guidance, §8.9) before the update. Two kinds
+(:func:`make_base`):
 
 - :class:`DDIMBase`, sagkit's own: DDIM (η = 0) on ``steps`` steps uniform in t from 1 to 0,
-  the update being one explicit Euler step of :func:`sagkit.solve` in (y, ρ).
+  the update being one explicit Euler step of :func:`sagkit.solve` in the ODE's frame.
 - :class:`SchedulerBase`: any diffusers scheduler, driven through its own ``set_timesteps`` and
   ``step`` (stochastic ones with the generator), so a guided run with ``guidance="none"``
-  is diffusers' own denoising loop. The timestep τ (0 … N − 1) is sagkit's time
-  t = (τ + 1)/N (docs/maths.md §1.3).
+  is diffusers' own denoising loop. For a VP scheduler the timestep τ (0 … N − 1) is sagkit's
+  time t = (τ + 1)/N (docs/maths.md §1.3); for a flow-matching scheduler its σ_k is σ_t, so
+  t = t(σ_k) (§1.5). :class:`Timesteps` passes arguments to ``set_timesteps`` (FLUX's σ's
+  and shift).
 
 Time travel repeats a step: :meth:`save` before it and :meth:`load` before each repeat put
 the sampler back as it was, so that a multistep scheduler's history holds the model output of
@@ -27,30 +31,38 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+from dataclasses import dataclass, field
 
 import torch
 
-from ..core.frames import rho_of_t, tweedie_x0
-from ..core.schedules import time_grid
-from ..core.solvers import SOLVERS, ProbabilityFlow, rk_step
+from ..core.frames import ode_frame
+from ..core.schedules import FlowSchedule, is_flow_scheduler, time_grid
+from ..core.solvers import ProbabilityFlow
 
-__all__ = ["DDIMBase", "SchedulerBase", "make_base", "first_stage_eps", "check_same_schedule"]
+__all__ = [
+    "DDIMBase",
+    "SchedulerBase",
+    "Timesteps",
+    "make_base",
+    "first_stage",
+    "check_same_schedule",
+]
 
 
-def first_stage_eps(model, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
-    """ε(x_t, t) evaluated exactly as the first stage of a solve from t (:func:`sagkit.solve`):
-    at α_t (x_t/α_t), which equals x_t up to rounding. Every base sampler takes its ε this way,
-    so the base step's ε is the n-step estimate's first network call, bit for bit, and the two
-    can share it (docs/maths.md §8.8)."""
+def first_stage(model, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
+    """F(x_t, t) evaluated exactly as the first stage of a solve from t (:func:`sagkit.solve`):
+    at κ_t (x_t/κ_t), which equals x_t up to rounding. Every base sampler takes its F this
+    way, so the base step's F is the n-step estimate's first network call, bit for bit, and
+    the two can share it (docs/maths.md §8.8)."""
     f = ProbabilityFlow(model, cond)
-    return f(f.to_y(x_t, t), rho_of_t(model.schedule, t), t)
+    return f(f.to_y(x_t, t), f.nu(t), t)
 
 
 class DDIMBase:
     """sagkit's DDIM (η = 0): ``steps`` steps uniform in t from 1 to 0.
 
-    x_s = α_s x̂0 + σ_s ε with x̂0 = (x_t − σ_t ε)/α_t, computed as the Euler step
-    y_s = y_t + (ρ_s − ρ_t) ε in y = x/α, ρ = σ/α (docs/maths.md §2.2).
+    x_s = α_s x̂0 + σ_s ε̂, computed as the Euler step y_s = y_t + (ν_s − ν_t) F in the
+    ODE's frame (y = x/α, ν = ρ, F = ε for VP schedules; docs/maths.md §2.2, §2.5).
     """
 
     def __init__(self, schedule, steps: int):
@@ -61,17 +73,14 @@ class DDIMBase:
         """The state at t_0 = 1 for the initial noise x_T: x_T itself."""
         return x_T
 
-    def eps(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
-        """ε(x_t, t_k) (:func:`first_stage_eps`)."""
-        return first_stage_eps(model, x_t, self.times[k], cond)
+    def predict(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
+        """F(x_t, t_k) (:func:`first_stage`)."""
+        return first_stage(model, x_t, self.times[k], cond)
 
-    def update(self, x_t: torch.Tensor, k: int, eps: torch.Tensor, *, generator=None):
-        """x_{t_{k+1}} from x_{t_k} and its ε (deterministic: ``generator`` is unused)."""
-        t, s = self.times[k], self.times[k + 1]
-        f = ProbabilityFlow(_Constant(eps, self.schedule))
-        rho = rho_of_t(self.schedule, t)
-        y = rk_step(f, f.to_y(x_t, t), rho, rho_of_t(self.schedule, s) - rho, SOLVERS["ddim"], t)
-        return f.to_x(y, s)
+    def update(self, x_t: torch.Tensor, k: int, pred: torch.Tensor, *, generator=None):
+        """x_{t_{k+1}} from x_{t_k} and its F (deterministic: ``generator`` is unused)."""
+        frame = ode_frame(self.schedule)
+        return frame.euler(self.schedule, x_t, self.times[k], self.times[k + 1], pred)
 
     def save(self):
         return None
@@ -80,14 +89,14 @@ class DDIMBase:
         """Nothing to restore: the update is a function of its inputs."""
 
 
-class _Constant:
-    """A model whose ε is a given tensor: the slope of an update whose ε is already known."""
+@dataclass(frozen=True)
+class Timesteps:
+    """A diffusers scheduler with the keyword arguments of its ``set_timesteps``, for a
+    pipeline whose loop passes some (FLUX passes ``sigmas`` and the shift ``mu``):
+    ``Timesteps(scheduler, {"sigmas": sigmas, "mu": mu})`` as the ``sampler``."""
 
-    def __init__(self, eps: torch.Tensor, schedule):
-        self.value, self.schedule = eps, schedule
-
-    def eps(self, x, t, cond=None):
-        return self.value
+    scheduler: object
+    options: dict = field(default_factory=dict)
 
 
 class SchedulerBase:
@@ -109,7 +118,7 @@ class SchedulerBase:
     several times per timestep (Heun, KDPM2: repeated timesteps) are refused.
     """
 
-    def __init__(self, scheduler, model, steps: int, *, device=None):
+    def __init__(self, scheduler, model, steps: int, *, device=None, options=None):
         if not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")):
             raise TypeError(
                 f"sampler must be 'ddim' or a diffusers scheduler, got {type(scheduler).__name__}"
@@ -118,11 +127,11 @@ class SchedulerBase:
         if n_train is None:
             raise ValueError(
                 "a diffusers scheduler as sampler needs a model with a discrete schedule "
-                "(VPSchedule.from_diffusers)"
+                "(VPSchedule.from_diffusers or FlowSchedule.from_diffusers)"
             )
         check_same_schedule(scheduler, model)
         self.scheduler = copy.deepcopy(scheduler)
-        self.scheduler.set_timesteps(steps, device=device)
+        self.scheduler.set_timesteps(steps, device=device, **(options or {}))
         timesteps = self.scheduler.timesteps
         if len(timesteps) != steps or len(set(timesteps.tolist())) != steps:
             raise ValueError(
@@ -132,10 +141,15 @@ class SchedulerBase:
             )
         self.schedule = model.schedule
         self.timesteps = timesteps
-        final = getattr(self.scheduler, "final_alpha_cumprod", None)
-        # The output's time: α = 1 (t = 0), except DDIM-type schedulers that stop at ᾱ[0].
-        t_end = 0.0 if final is None or float(final) >= 1 else 1.0 / n_train
-        self.times = [(float(tau) + 1) / n_train for tau in timesteps.tolist()] + [t_end]
+        self.flow = isinstance(model.schedule, FlowSchedule)
+        if self.flow:  # σ_0 … σ_K (the last 0): t = t(σ) (docs/maths.md §1.5)
+            sigmas = torch.as_tensor(self.scheduler.sigmas, dtype=torch.float64).cpu()
+            self.times = [float(t) for t in model.schedule.t_of_sigma(sigmas)]
+        else:
+            final = getattr(self.scheduler, "final_alpha_cumprod", None)
+            # The output's time: α = 1 (t = 0), except DDIM-type schedulers that stop at ᾱ[0].
+            t_end = 0.0 if final is None or float(final) >= 1 else 1.0 / n_train
+            self.times = [(float(tau) + 1) / n_train for tau in timesteps.tolist()] + [t_end]
         accepted = inspect.signature(self.scheduler.step).parameters
         self._takes_generator = "generator" in accepted
 
@@ -144,7 +158,7 @@ class SchedulerBase:
         the factor of the scheduler's own ``scale_model_input`` (1 for variance-preserving
         schedulers, 1/sqrt(σ_k² + 1) = α for sigma schedulers), a 0-dim tensor (no sync)."""
         one = torch.ones((), dtype=like.dtype, device=like.device)
-        if k == len(self.timesteps):  # the output: σ = 0
+        if k == len(self.timesteps) or self.flow:  # the output (σ = 0), or a flow's x itself
             return one
         return self.scheduler.scale_model_input(one, self.timesteps[k])
 
@@ -154,26 +168,31 @@ class SchedulerBase:
         for variance-preserving schedulers; sigma schedulers with "linspace" or "trailing"
         spacing start at σ_0 x_T where sqrt(σ_0² + 1) x_T would be exact (a relative
         1/(2σ_0²), diffusers' choice)."""
-        return x_T * self.scheduler.init_noise_sigma * self._scale(0, x_T)
+        return x_T * getattr(self.scheduler, "init_noise_sigma", 1.0) * self._scale(0, x_T)
 
-    def eps(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
-        """ε(x_t, t_k), the network at the scheduler's timestep τ_k (:func:`first_stage_eps`)."""
-        return first_stage_eps(model, x_t, self.times[k], cond)
+    def predict(self, model, x_t: torch.Tensor, k: int, cond=None) -> torch.Tensor:
+        """F(x_t, t_k), the network at the scheduler's timestep τ_k (:func:`first_stage`)."""
+        return first_stage(model, x_t, self.times[k], cond)
 
-    def update(self, x_t: torch.Tensor, k: int, eps: torch.Tensor, *, generator=None):
-        """The scheduler's ``step`` from τ_k with that ε; x at t_{k+1}."""
-        output = self._prediction(x_t, k, eps)
+    def update(self, x_t: torch.Tensor, k: int, pred: torch.Tensor, *, generator=None):
+        """The scheduler's ``step`` from τ_k with that F; x at t_{k+1}."""
+        output = self._prediction(x_t, k, pred)
         extra = {"generator": generator} if self._takes_generator else {}
         z = x_t / self._scale(k, x_t)
         z_s = self.scheduler.step(output, self.timesteps[k], z, **extra).prev_sample
         return z_s * self._scale(k + 1, x_t)  # after the step: the next step's factor
 
-    def _prediction(self, x_t, k, eps):
+    def _prediction(self, x_t, k, pred):
+        """The scheduler's model output from F: the velocity itself for a flow-matching
+        scheduler (its step is x + (σ_{k+1} − σ_k) v); ε, x̂0 or v = α ε − σ x̂0 by the
+        ``prediction_type`` of a VP scheduler (F = ε)."""
+        if self.flow:
+            return pred
         kind = self.scheduler.config.get("prediction_type", "epsilon")
         if kind == "epsilon":
-            return eps
-        t = self.times[k]
-        x0 = tweedie_x0(self.schedule, x_t, t, eps)
+            return pred
+        eps, t = pred, self.times[k]
+        x0 = ode_frame(self.schedule).x0(self.schedule, x_t, t, eps)
         if kind == "sample":
             return x0
         if kind == "v_prediction":  # v = α ε − σ x0
@@ -193,6 +212,11 @@ class SchedulerBase:
 def check_same_schedule(scheduler, model) -> None:
     """Refuse a scheduler whose training schedule is not the model's, describing both.
 
+    A flow-matching scheduler (:func:`~sagkit.core.schedules.is_flow_scheduler`) goes with a flow model
+    (:class:`~sagkit.FlowSchedule`) of the same N, and a VP scheduler with a VP model: its σ's
+    are the schedule's σ_t at the times it visits, whatever its shift, so the shift need not
+    match.
+
     The scheduler's N = ``num_train_timesteps`` must be the model's, and its ``alphas_cumprod``
     ᾱ_n must equal the model's α² at t_n = (n + 1)/N within γ_N of float32 (N·2⁻²⁴): diffusers
     computes ᾱ as a float32 product of N factors, so two schedulers of one schedule agree to
@@ -202,6 +226,10 @@ def check_same_schedule(scheduler, model) -> None:
     (docs/maths.md §1.3)
     """
     n_model = model.schedule.num_train_timesteps
+    flow_scheduler = is_flow_scheduler(scheduler)
+    if flow_scheduler or isinstance(model.schedule, FlowSchedule):
+        _check_same_flow(scheduler, model, flow_scheduler, n_model)
+        return
     acp = getattr(scheduler, "alphas_cumprod", None)
     if acp is None:
         raise TypeError(
@@ -231,6 +259,26 @@ def check_same_schedule(scheduler, model) -> None:
         )
 
 
+def _check_same_flow(scheduler, model, flow_scheduler: bool, n_model: int) -> None:
+    name = type(scheduler).__name__
+    if not flow_scheduler:
+        raise ValueError(
+            f"sampler {name} is a diffusion scheduler but the model is a flow-matching model "
+            f"({model.schedule!r}): pass a FlowMatchEulerDiscreteScheduler"
+        )
+    if not isinstance(model.schedule, FlowSchedule):
+        raise ValueError(
+            f"sampler {name} is a flow-matching scheduler but the model's schedule is "
+            f"{model.schedule!r}: pass a scheduler of the model's training schedule"
+        )
+    n = int(scheduler.config["num_train_timesteps"])
+    if n != n_model:
+        raise ValueError(
+            f"sampler {name} was made for another training schedule than the model: "
+            f"num_train_timesteps {n} against the model's {n_model}"
+        )
+
+
 def _describe_schedule(scheduler) -> str:
     config = getattr(scheduler, "config", None)
     if config is None:
@@ -246,11 +294,15 @@ def _copied(state: dict) -> dict:
 
 
 def make_base(sampler, model, steps: int, *, device=None):
-    """The base sampler for ``sampler``: "ddim" (sagkit's), a diffusers scheduler, or a
-    diffusers scheduler class name, built from the model's scheduler config (``model.scheduler``,
-    as :mod:`sagkit.guidance.presets` builds its samplers)."""
+    """The base sampler for ``sampler``: "ddim" (sagkit's), a diffusers scheduler (bare or in
+    :class:`Timesteps`), or a diffusers scheduler class name, built from the model's scheduler
+    config (``model.scheduler``, as :mod:`sagkit.guidance.presets` builds its samplers)."""
     if isinstance(sampler, str) and sampler == "ddim":
         return DDIMBase(model.schedule, steps)
+    if isinstance(sampler, Timesteps):
+        return SchedulerBase(
+            sampler.scheduler, model, steps, device=device, options=sampler.options
+        )
     if isinstance(sampler, str):
         config = getattr(getattr(model, "scheduler", None), "config", None)
         if config is None:

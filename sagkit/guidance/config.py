@@ -21,6 +21,7 @@ from typing import Any
 
 from ..core.checks import check_count, check_name, check_scale
 from ..gradients.api import METHODS, GradientMethod, resolve_engine
+from .base import Timesteps
 from .methods import GUIDANCE, GuidanceMethod
 from .presets import PRESETS
 from .travel import guidance_window, repeat_schedule
@@ -103,6 +104,11 @@ class GuidanceConfig:
         for name in ("scale", "cfg_scale"):
             if getattr(self, name) is not None:
                 set_(name, check_scale(getattr(self, name), name))
+        if self.scale is not None and not self.method.reads_scale:
+            raise ValueError(
+                f"scale is not read by guidance={self.method!r}: its scales are fields of the "
+                f"method object (e.g. {type(self.method).__name__}(...)); leave scale unset"
+            )
         guided = guidance_window(self.steps, self.window)
         set_("window", tuple(float(w) for w in self.window))
         if self.method.guides and not any(guided):
@@ -227,6 +233,8 @@ def _check_sampler(sampler) -> None:
                 f"name such as 'DPMSolverMultistepScheduler', got {sampler!r}"
             )
         return
+    if isinstance(sampler, Timesteps):
+        sampler = sampler.scheduler
     if isinstance(sampler, type):
         raise TypeError(
             f"sampler must be a scheduler instance, got the class {sampler.__name__}: build "
@@ -239,9 +247,18 @@ def _check_sampler(sampler) -> None:
         )
 
 
+def _describe_map(options: Mapping) -> dict:
+    return {k: _describe(v.tolist() if hasattr(v, "tolist") else v) for k, v in options.items()}
+
+
 def _describe(value):
     if value is None or isinstance(value, bool | str | numbers.Real):
         return value
+    if isinstance(value, Timesteps):
+        return {
+            "scheduler": _describe(value.scheduler),
+            "set_timesteps": _describe_map(value.options),
+        }
     if isinstance(value, tuple | list):
         return [_describe(v) for v in value]
     if isinstance(value, GradientMethod):

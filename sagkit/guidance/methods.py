@@ -1,10 +1,12 @@
 """Guidance methods as objects: what each does at a guided step of :func:`sagkit.guided_sample`.
 
-At a guided step t → s the sampler evaluates the network once, ε = ε(x_t), forms the one-step
-estimate x̂0 = (x_t − σ_t ε)/α_t and hands both to the method (docs/maths.md §8.1):
+At a guided step t → s the sampler evaluates the network once, F = F(x_t) (its prediction in
+the schedule's ODE frame: ε for VP schedules, the velocity v for flow schedules), forms the
+one-step estimate x̂0 (x̂0 = (x_t − σ_t ε)/α_t, or (x_t − σ_t v)/(α_t + σ_t)) and hands both
+to the method (docs/maths.md §8.1):
 
-    ε ← method.shift_eps(run, step)           backward guidance: the ε of a better x̂0
-    x_s = Base(x_t, ε)                        the base sampler's update
+    F ← method.shift_pred(run, step)          backward guidance: the F of a better x̂0
+    x_s = Base(x_t, F)                        the base sampler's update
     x_s ← method.correct(run, step, x_s)      gradient guidance: x_s − ρ_t g
 
 with g = ∂ Σ_b L(x̂0(x_t))_b / ∂x_t for the method's estimate x̂0(x_t) and ρ_t its step rule:
@@ -15,6 +17,7 @@ with g = ∂ Σ_b L(x̂0(x_t))_b / ∂x_t for the method's estimate x̂0(x_t) an
     :class:`DPS`        one step (Tweedie)                            ρ = ζ / sqrt(L)        1
     :class:`SAG`        n DDIM steps, g exact through them            ρ = c · RMS(Δ)/RMS(g)  2
     :class:`Backward`   one step; m descent steps on x̂0 + Δ          ε ← ε − (α_t/σ_t) Δ    2
+                        (the F whose one-step estimate is x̂0 + Δ)
 
 - FreeDoM: Yu et al. 2023, "FreeDoM: Training-Free Energy-Guided Conditional Diffusion
   Model". SAG: Pan et al. 2023, "Towards Accurate Guided Diffusion Sampling through
@@ -66,7 +69,7 @@ import torch
 
 from ..core.checks import require
 from ..core.estimates import rms
-from ..core.frames import per_sample, tweedie_x0
+from ..core.frames import get_frame, ode_frame, per_sample, velocity_of
 from ..core.registry import Registry
 from ..core.schedules import time_grid
 from ..gradients.api import GradientMethod, resolve_engine, run_engine
@@ -98,9 +101,12 @@ class GuidedStep:
     Attributes:
         k: the step's index; ``t`` its time t_k.
         x_t: (B, ...) the state entering the step (after any time travel).
-        eps: (B, ...) ε(x_t) (under CFG the guided ε̃), without a graph: the base step's ε.
-        x0: (B, ...) its one-step estimate (x_t − σ_t ε)/α_t.
-        cfg_difference: (B, ...) Δ = ε_c − ε_u of that call under CFG, else ``None``.
+        pred: (B, ...) F(x_t), the network's prediction in the schedule's ODE frame (ε for VP
+            schedules, the velocity for flow schedules; under CFG the guided one), without a
+            graph: the base step's F.
+        x0: (B, ...) its one-step estimate (:meth:`GuidanceRun.x0`).
+        cfg_difference: (B, ...) Δ = ε_c − ε_u of that call under CFG, in ε units whatever
+            the frame (:meth:`~sagkit.core.frames.Frame.eps_difference`), else ``None``.
         gradient: ``(L (B,), g (B, ...))`` of the method's estimate at x_t, when the method
             computed it with ε (:meth:`GuidanceRun.evaluate_with_gradient`), else ``None``.
     """
@@ -108,7 +114,7 @@ class GuidedStep:
     k: int
     t: float
     x_t: torch.Tensor
-    eps: torch.Tensor
+    pred: torch.Tensor
     x0: torch.Tensor
     cfg_difference: torch.Tensor | None
     gradient: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -129,7 +135,7 @@ class GuidanceRun:
         scale: the step rule's constant (c or ζ), resolved.
         per_batch: one step size for the batch instead of one per sample.
         backward_steps: backward guidance's descent steps m.
-        reuse_eps: the base step takes ε(x_t) from the estimate's first network call.
+        reuse_eps: the base step takes F(x_t) from the estimate's first network call.
     """
 
     model: object
@@ -149,19 +155,34 @@ class GuidanceRun:
     def schedule(self):
         return self.model.schedule
 
+    @property
+    def frame(self):
+        """The frame of the schedule's ODE, in which F is predicted (:func:`ode_frame`)."""
+        return ode_frame(self.model.schedule)
+
+    def x0(self, x_t: torch.Tensor, t: float, pred: torch.Tensor) -> torch.Tensor:
+        """The one-step estimate from F at (x_t, t): (x_t − σ_t ε)/α_t for VP schedules,
+        (x_t − σ_t v)/(α_t + σ_t) for flow schedules; shape of x_t. (docs/maths.md §2.5)"""
+        return self.frame.x0(self.schedule, x_t, t, pred)
+
+    def pred_of_x0(self, x_t: torch.Tensor, t: float, x0: torch.Tensor) -> torch.Tensor:
+        """The F at x_t whose one-step estimate is ``x0``: (x_t − α_t x0)/σ_t for VP
+        schedules, (x_t − (α_t + σ_t) x0)/σ_t for flow schedules. (docs/maths.md §2.5)"""
+        return self.frame.pred_of_x0(self.schedule, x_t, t, x0)
+
     def evaluate(self, k: int, x_t: torch.Tensor) -> GuidedStep:
         """The base step's own network call at x_t (no gradient)."""
-        t, network = self.base.times[k], _FirstCall(self.model, self.cfg)
+        t, network = self.base.times[k], _FirstCall(self.model, self.cfg, self.base.times[k])
         with torch.no_grad():
-            self.base.eps(network, x_t, k, self.cond)
-            eps, difference = network.first
-            return GuidedStep(k, t, x_t, eps, tweedie_x0(self.schedule, x_t, t, eps), difference)
+            self.base.predict(network, x_t, k, self.cond)
+            pred, difference = network.first
+            return GuidedStep(k, t, x_t, pred, self.x0(x_t, t, pred), difference)
 
     def evaluate_with_gradient(self, k: int, x_t: torch.Tensor, n: int) -> GuidedStep:
         """The network at x_t and the gradient of the n-step estimate there, sharing ε(x_t).
 
-        The estimate's first network call is ε(x_t) (every solver's first stage is at the
-        step's start): its output, detached, is the base step's ε, so the step costs the
+        The estimate's first network call is F(x_t) (every solver's first stage is at the
+        step's start): its output, detached, is the base step's F, so the step costs the
         engine's calls and no more (docs/maths.md §8.8). With ``reuse_eps`` off the base
         step calls the network itself, for comparison.
         """
@@ -169,17 +190,17 @@ class GuidanceRun:
         grid = estimate_times(
             self.base.times, k, n, grid=self.estimate_grid, schedule=self.schedule
         )
-        model = _FirstCall(self.model, self.cfg)
+        model = _FirstCall(self.model, self.cfg, t)
         loss, g = guidance_gradient(
             model, self.loss_fn, x_t, t, cond=self.cond, ts=grid, gradient=self.engine
         )
         require(torch.isfinite(g).all(), lambda: "the guidance gradient holds NaN or inf")
         if not self.reuse_eps:
             return dataclasses.replace(self.evaluate(k, x_t), gradient=(loss, g))
-        eps, difference = model.first
+        pred, difference = model.first
         with torch.no_grad():
-            x0 = tweedie_x0(self.schedule, x_t, t, eps)
-        return GuidedStep(k, t, x_t, eps, x0, difference, (loss, g))
+            x0 = self.x0(x_t, t, pred)
+        return GuidedStep(k, t, x_t, pred, x0, difference, (loss, g))
 
 
 class GuidanceMethod:
@@ -187,7 +208,8 @@ class GuidanceMethod:
 
     Class attributes: ``name`` (its key in :data:`GUIDANCE`), ``repeats`` (time travel on the
     guided steps by default), ``rule`` (its step rule, for tables and file names), ``guides``
-    (whether it changes a step at all) and ``description`` (one line for tables).
+    (whether it changes a step at all), ``description`` (one line for tables) and
+    ``reads_scale``.
     """
 
     name: ClassVar[str] = "none"
@@ -195,6 +217,9 @@ class GuidanceMethod:
     rule: ClassVar[str] = "none"
     guides: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    reads_scale: ClassVar[bool] = True
+    """Whether the configuration's ``scale`` is this method's step constant (a method whose
+    scales are its own fields says ``False``, and the configuration refuses a ``scale``)."""
 
     def estimate_steps(self, n: int) -> int:
         """How many steps its estimate takes, given the configured ``n``: 1 (the one-step
@@ -209,9 +234,9 @@ class GuidanceMethod:
         """The network's evaluation at step k (default: the base step's call alone)."""
         return run.evaluate(k, x_t)
 
-    def shift_eps(self, run: GuidanceRun, step: GuidedStep) -> torch.Tensor:
-        """The ε the base sampler updates with at a guided step (default: the network's)."""
-        return step.eps
+    def shift_pred(self, run: GuidanceRun, step: GuidedStep) -> torch.Tensor:
+        """The F the base sampler updates with at a guided step (default: the network's)."""
+        return step.pred
 
     def correct(self, run: GuidanceRun, step: GuidedStep, x_s: torch.Tensor) -> torch.Tensor:
         """The state after a guided step, from the base sampler's x_s (default: x_s)."""
@@ -306,12 +331,13 @@ class Backward(GuidanceMethod):
         """c = 1 pixel (RMS) per descent step, chosen on the digits tasks. (docs/maths.md §8.9)"""
         return 1.0
 
-    def shift_eps(self, run, step):
-        """ε − (α_t/σ_t) Δ, Δ from :func:`backward_shift`."""
+    def shift_pred(self, run, step):
+        """The F whose one-step estimate is x̂0 + Δ, Δ from :func:`backward_shift`:
+        ε − (α_t/σ_t) Δ for VP schedules (:meth:`~sagkit.core.frames.Frame.shift_x0`)."""
         shift = backward_shift(
             run.loss_fn, step.x0, steps=run.backward_steps, scale=run.scale, per_batch=run.per_batch
         )
-        return step.eps - (run.schedule.alpha(step.t) / run.schedule.sigma(step.t)) * shift
+        return run.frame.shift_x0(run.schedule, step.t, step.pred, shift)
 
 
 GUIDANCE: Registry[GuidanceMethod] = Registry("guidance")
@@ -434,28 +460,48 @@ def backward_shift(
 
 class _FirstCall:
     """A model that passes every call on to ``model`` and keeps the first call's output,
-    detached, as ``first = (ε, Δ)``: Δ = ε_c − ε_u of that call under classifier-free guidance
-    (``cfg``; ``model`` is then a :class:`~sagkit.ClassifierFreeGuidance`), else ``None``. It
-    checks that ε is finite (deferred, :func:`~sagkit.core.checks.require`)."""
+    detached, as ``first = (F, Δ)``: F the prediction the call was for (ε or the velocity),
+    Δ = ε_c − ε_u of that call under classifier-free guidance (``cfg``; ``model`` is then a
+    :class:`~sagkit.ClassifierFreeGuidance`) in ε units at the first call's time ``t``, else
+    ``None``. It checks that F is finite (deferred, :func:`~sagkit.core.checks.require`)."""
 
-    def __init__(self, model, cfg: bool):
-        self.model, self.schedule, self.cfg, self.first = model, model.schedule, cfg, None
+    def __init__(self, model, cfg: bool, t: float):
+        self.model, self.schedule, self.cfg, self.t, self.first = (
+            model,
+            model.schedule,
+            cfg,
+            t,
+            None,
+        )
 
     def eps(self, x, t, cond=None):
+        return self._call("eps", x, t, cond)
+
+    def velocity(self, x, t, cond=None):
+        return self._call("velocity", x, t, cond)
+
+    def _call(self, kind: str, x, t, cond):
         if self.first is not None:
-            return self.model.eps(x, t, cond)
+            return _predict(self.model, kind, x, t, cond)
         if self.cfg:
-            eps, difference = self.model.eps_and_difference(x, t, cond)
-            self.first = (eps.detach(), difference.detach())
+            pred, difference = self.model.predict_and_difference(x, t, cond, kind=kind)
+            frame = get_frame(kind)
+            difference = frame.eps_difference(self.schedule, self.t, difference.detach())
+            self.first = (pred.detach(), difference)
         else:
-            eps = self.model.eps(x, t, cond)
-            self.first = (eps.detach(), None)
+            pred = _predict(self.model, kind, x, t, cond)
+            self.first = (pred.detach(), None)
+        shown = "ε(x_t)" if kind == "eps" else "velocity v(x_t)"
         require(
-            torch.isfinite(self.first[0]).all(), lambda: "the network's ε(x_t) holds NaN or inf"
+            torch.isfinite(self.first[0]).all(), lambda: f"the network's {shown} holds NaN or inf"
         )
-        return eps
+        return pred
 
     def __getattr__(self, name):  # parameters() and buffers(): the engines exclude them
         if name == "model":
             raise AttributeError(name)
         return getattr(self.model, name)
+
+
+def _predict(model, kind: str, x, t, cond):
+    return model.eps(x, t, cond) if kind == "eps" else velocity_of(model, x, t, cond)

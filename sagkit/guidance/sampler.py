@@ -163,7 +163,7 @@ def run_guided(
     (B, ...) conditioning of every call, or ``None``; ``cfg`` whether the sampler is
     classifier-free guidance around ``model.null_cond`` with w = ``config.cfg_scale``
     (default 1). A step outside the window is taken by :class:`Unguided`, a step inside it by
-    the configured method; each step asks its method for the network's evaluation, the ε of
+    the configured method; each step asks its method for the network's evaluation, the F of
     the base update, and the state after it.
 
     (docs/maths.md §8.1)
@@ -213,9 +213,9 @@ def run_guided(
                     if return_losses and r == 0:
                         with torch.no_grad():
                             losses.append(per_sample_loss(loss_fn, step.x0))
-                    eps = step_method.shift_eps(run, step)
+                    pred = step_method.shift_pred(run, step)
                     with torch.no_grad():
-                        x = base.update(x_t, k, eps, generator=generator)
+                        x = base.update(x_t, k, pred, generator=generator)
                     x = step_method.correct(run, step, x)
                     require(
                         torch.isfinite(x).all(), lambda: "the state after the step holds NaN or inf"

@@ -4,7 +4,7 @@
   (0.3, 0.7) of 100 steps is SAG's steps 30–69 (docs/maths.md §8.6).
 - Time travel (FreeDoM's resampling, SAG's repeats, universal guidance's self-recurrence): a
   step is taken ``repeats`` times; between two, x_s is re-noised back to t,
-  x_t = (α_t/α_s) x_s + sqrt(1 − α_t²/α_s²) ξ, and the base sampler is put back as it was
+  x_t = (α_t/α_s) x_s + sqrt(σ_t² − (α_t σ_s/α_s)²) ξ, and the base sampler is put back as it was
   before the step (docs/maths.md §8.5).
 """
 
@@ -54,11 +54,14 @@ def repeat_schedule(repeats, guided: Sequence[bool]) -> list[int]:
 
 
 def renoise(schedule, x_s: torch.Tensor, s: float, t: float, *, generator=None) -> torch.Tensor:
-    """Time travel from s back to t > s: (α_t/α_s) x_s + sqrt(1 − α_t²/α_s²) ξ, ξ ~ N(0, I).
+    """Time travel from s back to t > s: (α_t/α_s) x_s + sqrt(σ_t² − (α_t/α_s)² σ_s²) ξ,
+    ξ ~ N(0, I), the forward transition p(x_t | x_s) of any schedule (sqrt(1 − α_t²/α_s²) ξ
+    for a VP one).
 
     (docs/maths.md §8.5)
     """
     ratio = schedule.alpha(float(t)) / schedule.alpha(float(s))
+    variance = schedule.sigma(float(t)) ** 2 - (ratio * schedule.sigma(float(s))) ** 2
     device = generator.device if generator is not None else x_s.device
     noise = torch.randn(x_s.shape, generator=generator, dtype=x_s.dtype, device=device)
-    return ratio * x_s + math.sqrt(max(0.0, 1.0 - ratio**2)) * noise.to(x_s.device)
+    return ratio * x_s + math.sqrt(max(0.0, variance)) * noise.to(x_s.device)

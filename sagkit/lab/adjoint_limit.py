@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_count, check_grid, check_inputs
-from ..core.frames import rho_of_t
 from ..core.schedules import time_grid
 from ..core.solvers import SOLVERS, ProbabilityFlow, rk_step
 from ..gradients.adjointdeis import adjointdeis_grad
@@ -39,24 +38,25 @@ __all__ = [
 
 
 def _discrete_adjoint(model, loss_fn, x, ts, *, cond, solver):
-    """:func:`discrete_adjoint` on checked inputs: in y = x/α, μ_k = ∂L/∂y_k, λ_k = μ_k/α_k."""
-    f, tableau, sc = ProbabilityFlow(model, cond), SOLVERS[solver], model.schedule
-    rhos = [rho_of_t(sc, t) for t in ts.tolist()]
+    """:func:`discrete_adjoint` on checked inputs: in the ODE's y = x/κ (x/α for VP schedules),
+    μ_k = ∂L/∂y_k, λ_k = μ_k/κ_k."""
+    f, tableau = ProbabilityFlow(model, cond), SOLVERS[solver]
+    nus = [f.nu(t) for t in ts.tolist()]
     ys = [f.to_y(x.detach(), ts[0])]
     with torch.no_grad():
         for k in range(len(ts) - 1):
-            ys.append(rk_step(f, ys[k], rhos[k], rhos[k + 1] - rhos[k], tableau, float(ts[k])))
+            ys.append(rk_step(f, ys[k], nus[k], nus[k + 1] - nus[k], tableau, float(ts[k])))
     with torch.enable_grad():
         leaf = f.to_x(ys[-1], ts[-1]).requires_grad_(True)
         (lam,) = torch.autograd.grad(evaluate_loss(loss_fn, leaf), leaf)
-    mu = sc.alpha(float(ts[-1])) * lam  # ∂L/∂y_n, y = x/α
+    mu = f.to_x(lam, ts[-1])  # ∂L/∂y_n = κ_n ∂L/∂x_n
     adjoints = [lam]
     for k in range(len(ts) - 2, -1, -1):
         with torch.enable_grad():
             leaf = ys[k].clone().requires_grad_(True)
-            step = rk_step(f, leaf, rhos[k], rhos[k + 1] - rhos[k], tableau, float(ts[k]))
+            step = rk_step(f, leaf, nus[k], nus[k + 1] - nus[k], tableau, float(ts[k]))
             (mu,) = torch.autograd.grad(step, leaf, grad_outputs=mu)
-        adjoints.append(mu / sc.alpha(float(ts[k])))
+        adjoints.append(f.to_y(mu, ts[k]))
     states = torch.stack([f.to_x(y, t) for y, t in zip(ys, ts.tolist(), strict=True)])
     return states, torch.stack(adjoints[::-1])
 

@@ -65,7 +65,8 @@ def convergence_study(
 ) -> dict:
     """Relative error against the continuous gradient, for each method and number of steps M.
 
-    Methods: AdjointDEIS-1 and -2M in both parameterisations (states from ``state_solver`` on
+    Methods: AdjointDEIS-1 and -2M in both parameterisations (and the velocity frame's, for a
+    flow schedule's ODE) (states from ``state_solver`` on
     the same grid, "rk4" by default so that the error measured is the adjoint's own, not the
     forward solver's), backprop through DDIM (its own states), and the vanilla continuous
     adjoint (method "adjoint" of :data:`sagkit.METHODS`). With ``sde``
@@ -125,8 +126,11 @@ def convergence_study(
             return torch.autograd.grad(loss, leaf)[0]
 
     methods = {}
+    params = ("eps", "data") + (
+        ("velocity",) if model.schedule.ode == "velocity" and not sde else ()
+    )
     for order in (1, 2):
-        for param in ("eps", "data"):
+        for param in params:
             methods[f"adjointdeis-{'1' if order == 1 else '2M'} ({param})"] = deis(order, param)
     methods["backprop (sde sampler)" if sde else "backprop (ddim)"] = backprop
     if not sde:

@@ -31,6 +31,16 @@ samples and the time. A row holds
   machine's cores slow each other, so it can exceed the single-process figure; a shard loaded
   from ``out_dir`` brings the seconds of the run that computed it.
 
+Variants. ``variants={label: fields}`` adds one row per label: the shared configuration with
+those :class:`~sagkit.guidance.config.GuidanceConfig` fields (a method object with its own
+scales, a ``scale``), its shard files named by the label. The stored leaderboard runs every
+method with its tuned scales this way (:mod:`sagkit.lab.tuning`).
+
+Splits. ``split="tuning"`` draws the samples of the tuning (:mod:`sagkit.lab.tuning`): the
+seeds of its initial and time-travel noise are hashes under other tags ("tuning noise",
+"tuning time travel" in place of "noise", "time travel"), so they are disjoint from the
+evaluation's for every seed and index; its shard keys hold ``split``.
+
 Shards, seeds and ranks. The samples are cut into shards of ``batch_size`` consecutive
 indices, [0, b), [b, 2b), …; a shard of one task and one method is one sampler call, the unit
 of work. The initial noise of sample i is :func:`initial_noise` (seed, i): drawn from its own
@@ -98,9 +108,10 @@ import numbers
 import os
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,8 +138,13 @@ __all__ = [
     "initial_noise",
     "method_label",
     "EVALUATION_DEFAULTS",
+    "SPLITS",
 ]
 _log = logging.getLogger(__name__)
+
+SPLITS = ("evaluation", "tuning")
+"""The two sets of samples: the evaluation's, and the tuning's (:mod:`sagkit.lab.tuning`),
+drawn from seeds derived under another tag, so that no tuning sample is an evaluation sample."""
 
 EVALUATION_DEFAULTS = {**DEFAULTS, "repeats": 2}
 """The configuration every method of a sweep shares unless told otherwise: sagkit's defaults
@@ -237,12 +253,14 @@ def evaluate_guidance(
     methods: Sequence[str] = ("none", "freedom", "dps", "sag"),
     ns: Sequence[int] = (1, 2, 4, 8),
     presets: Sequence[str] = (),
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
     num_samples: int = 64,
     seed: int = 0,
     config: GuidanceConfig | None = None,
     dps_scale: float | None = None,
     batch_size: int = 64,
     out_dir: str | Path | None = None,
+    split: str = "evaluation",
     progress: bool = False,
     **options,
 ) -> list[dict]:
@@ -257,6 +275,11 @@ def evaluate_guidance(
             engine. They run with ``step_size="per-sample"``: the official codes sample one
             image at a time, where their per-batch ρ is the per-sample one, and a shard
             batches many.
+        variants: {label: fields of :class:`~sagkit.guidance.config.GuidanceConfig`}, one
+            row each, labelled ``label``, run with the shared configuration and those fields
+            (e.g. ``{"tfg": {"guidance": TFG(rho=1.0)}, "dps": {"guidance": "dps", "scale":
+            2.0}}``: a method with its tuned scales, :mod:`sagkit.lab.tuning`). A label is a
+            non-empty string without "/" or "\\" (it names the shard files).
         num_samples: samples per row; the noise of sample i is the same in every row.
         config: the configuration every method shares (its ``guidance`` and ``n`` are set per
             row, and DPS takes ``dps_scale`` as its ζ); by default :data:`EVALUATION_DEFAULTS`
@@ -271,14 +294,18 @@ def evaluate_guidance(
             key (see the module docstring), is loaded instead of run, so a killed sweep
             resumes where it stopped. A file with another key, or one that cannot be read as
             a shard, is refused with a ``ValueError`` naming it.
+        split: "evaluation" (default) or "tuning": which samples (:data:`SPLITS`,
+            :func:`initial_noise`); the tuning's are disjoint from the evaluation's.
         progress: progress bars (on rank 0 only).
     Under ``torchrun`` (after :func:`sagkit.lab.distributed.init_distributed`) the shards are
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
     single process.
     """
     methods, ns, presets = tuple(methods), tuple(ns), tuple(presets)
-    if not methods and not presets:
-        raise ValueError("methods or presets must name at least one guidance method")
+    variants = _checked_variants(variants)
+    if not methods and not presets and not variants:
+        raise ValueError("methods, presets or variants must name at least one guidance method")
+    check_name(split, "split", SPLITS)
     for name in presets:
         check_name(name, "presets entries", PRESETS)
     for m in methods:
@@ -321,6 +348,14 @@ def evaluate_guidance(
             gradient=shared.gradient,
             reuse_eps=shared.reuse_eps,
         )
+    variant_keys = []
+    for label, fields in variants.items():
+        config = shared.replace(**fields)
+        key = (label, config.estimate_steps)
+        if key in plan:
+            raise ValueError(f"variants: {label!r} names the shard files of a method or preset")
+        plan[key] = config
+        variant_keys.append(key)
     bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
     units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
 
@@ -342,6 +377,7 @@ def evaluate_guidance(
             "options": plan[key].describe(),
             "dtype": str(p.dtype),
             "device": p.device.type,
+            **({} if split == "evaluation" else {"split": split}),
         }
 
     mine = {}
@@ -361,7 +397,15 @@ def evaluate_guidance(
             _log.info("rank %d loaded %s", rank, path.name)
         else:
             result = _run_shard(
-                model, tasks[t].loss, seed, lo, hi, size, plan[key], progress=progress and rank == 0
+                model,
+                tasks[t].loss,
+                seed,
+                lo,
+                hi,
+                size,
+                plan[key],
+                split=split,
+                progress=progress and rank == 0,
             )
             if path is not None:
                 _write_shard(path, settings, result)
@@ -378,10 +422,11 @@ def evaluate_guidance(
 
     data, data_labels = digits_dataset("all", size=size, dtype=p.dtype)
     rows = []
-    rows_of = [(g, n, _key(g, n)) for g, n in _methods(methods, ns)]
-    rows_of += [(name, PRESETS[name].n, (name, PRESETS[name].n)) for name in presets]
+    rows_of = [(g, n, _key(g, n), method_label(g, n)) for g, n in _methods(methods, ns)]
+    rows_of += [(name, PRESETS[name].n, (name, PRESETS[name].n), name) for name in presets]
+    rows_of += [(plan[k].method.name, k[1], k, k[0]) for k in variant_keys]
     for t, task in enumerate(tasks):
-        for guidance, n, key in rows_of:
+        for guidance, n, key, row_label in rows_of:
             parts = [results[(t, key, b)] for b in bounds]
             x = torch.cat([r["samples"] for r in parts]).to(p.device)
             values = torch.cat([r["loss"] for r in parts])
@@ -394,7 +439,7 @@ def evaluate_guidance(
                     "task": task.name,
                     "guidance": guidance,
                     "n": n,
-                    "method": method_label(guidance, n) if guidance in GUIDANCE else guidance,
+                    "method": row_label,
                     "loss": float(values.mean()),
                     "loss_se": float(values.std() / math.sqrt(len(values))),
                     "accuracy": math.nan if task.label is None else quality["accuracy"],
@@ -406,10 +451,15 @@ def evaluate_guidance(
     return rows
 
 
-def initial_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+def initial_noise(
+    seed: int, index: int, shape: Sequence[int], *, split: str = "evaluation"
+) -> torch.Tensor:
     """The initial noise of sample ``index``: (1, *shape) float64 on the CPU, a function of
-    (seed, index) alone, so no batch, shard or rank can change it."""
-    generator = torch.Generator().manual_seed(_derived_seed(seed, "noise", index))
+    (seed, index, split) alone, so no batch, shard or rank can change it. The generator's
+    seed is a hash of (seed, tag, index), the tag "noise" for the evaluation's samples and
+    "tuning noise" for the tuning's: the two splits never share a seed (up to a collision of
+    63-bit hashes), whatever the seeds and indices."""
+    generator = torch.Generator().manual_seed(_derived_seed(seed, _TAGS[split][0], index))
     return torch.randn((1, *shape), generator=generator, dtype=torch.float64)
 
 
@@ -419,17 +469,21 @@ def _derived_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+_TAGS = {"evaluation": ("noise", "time travel"), "tuning": ("tuning noise", "tuning time travel")}
+
+
 def _key(guidance: str, n: int | None) -> tuple:
     """The computation a method's row needs: (step rule, estimate steps)."""
     method = GUIDANCE[guidance]
     return (method.rule, method.estimate_steps(n or 1))
 
 
-def _run_shard(model, loss, seed, lo, hi, size, config, *, progress) -> dict:
+def _run_shard(model, loss, seed, lo, hi, size, config, *, split, progress) -> dict:
     """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time."""
     p = next(model.parameters())
-    x_T = torch.cat([initial_noise(seed, i, (1, size, size)) for i in range(lo, hi)]).to(p)
-    generator = torch.Generator().manual_seed(_derived_seed(seed, "time travel", lo, hi))
+    x_T = torch.cat([initial_noise(seed, i, (1, size, size), split=split) for i in range(lo, hi)])
+    x_T = x_T.to(p)
+    generator = torch.Generator().manual_seed(_derived_seed(seed, _TAGS[split][1], lo, hi))
     start = time.perf_counter()
     x = guided_sample(model, loss, x_T, config=config, generator=generator, progress=progress)
     if x.is_cuda:
@@ -438,6 +492,23 @@ def _run_shard(model, loss, seed, lo, hi, size, config, *, progress) -> dict:
     with torch.no_grad():
         values = loss(x).double().cpu()
     return {"samples": x.detach().cpu(), "loss": values, "seconds": seconds}
+
+
+def _checked_variants(variants) -> dict:
+    """The variants as a dict {label: fields}; refuses labels that cannot name a file."""
+    if variants is None:
+        return {}
+    if not isinstance(variants, Mapping):
+        raise TypeError(f"variants must be a mapping of labels to fields, got {variants!r}")
+    for label, fields in variants.items():
+        if not isinstance(label, str) or not label or {"/", "\\"} & set(label):
+            raise ValueError(
+                "variants' labels must be non-empty strings without '/' or '\\' (they name "
+                f"the shard files), got {label!r}"
+            )
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"variants[{label!r}] must be a mapping of fields, got {fields!r}")
+    return dict(variants)
 
 
 def _checked_tasks(tasks) -> list[GuidanceTask]:

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..core.frames import velocity_of
 from ..gradients import memory
 from ..gradients.api import loss_grad
 
@@ -254,7 +255,8 @@ def profile(
 
 
 class CountingModel:
-    """A model of the protocol that counts its ``eps`` calls and delegates everything else."""
+    """A model of the protocol that counts its network calls (``eps``, and ``velocity`` under a
+    flow schedule: :func:`~sagkit.core.frames.velocity_of`) and delegates everything else."""
 
     def __init__(self, model):
         self.model = model
@@ -264,6 +266,10 @@ class CountingModel:
     def eps(self, x, t, cond=None):
         self.calls += 1
         return self.model.eps(x, t, cond)
+
+    def velocity(self, x, t, cond=None):
+        self.calls += 1
+        return velocity_of(self.model, x, t, cond)
 
     def __getattr__(self, name):  # parameters(), buffers(), ... of the wrapped model
         if name == "model":

@@ -9,15 +9,19 @@
 - :mod:`.clip`: the CLIP losses of SAG's tasks (style, CLIP-I, text, aesthetic);
 - :mod:`.video_losses`: losses on decoded video (an image loss on every frame, temporal
   consistency);
-- :mod:`.tiny`, :mod:`.tiny_video`: tiny random pipelines and CLIP model, for offline tests
-  and dry runs;
+- :mod:`.flow`: :class:`~.flow.GuidedStableDiffusion3` and :class:`~.flow.GuidedFlux`, the same
+  over a loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (rectified flow, velocity
+  prediction);
+- :mod:`.tiny`, :mod:`.tiny_video`, :mod:`.tiny_flow`: tiny random pipelines and CLIP model, for
+  offline tests and dry runs;
 - :mod:`.notices`: the one library notice sagkit silences, and why.
 """
 
+from .flow import GuidedFlux, GuidedStableDiffusion3
 from .notices import quiet_processor_fallback
 from .pipeline import GuidedStableDiffusion
 from .video import GuidedVideo
 
 quiet_processor_fallback()  # a notice of transformers that says nothing about a sagkit run
 
-__all__ = ["GuidedStableDiffusion", "GuidedVideo"]
+__all__ = ["GuidedStableDiffusion", "GuidedVideo", "GuidedStableDiffusion3", "GuidedFlux"]

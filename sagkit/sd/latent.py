@@ -24,21 +24,24 @@ __all__ = ["decoded_loss", "TextConditionedModel"]
 
 
 def decoded_loss(vae, image_loss: Callable, *, scaling_factor: float | None = None) -> Callable:
-    """A latent-space loss z ↦ image_loss(vae.decode(z / s).sample).
+    """A latent-space loss z ↦ image_loss(vae.decode(z / s + b).sample).
 
     Args:
         vae: a diffusers ``AutoencoderKL``.
         image_loss: maps decoded images (B, 3, H, W), roughly in [-1, 1], to (B,) or a scalar.
         scaling_factor: s; by default ``vae.config.scaling_factor`` (0.18215 for SD 1.x).
-    The decoder runs in its weights' dtype (half precision included): z / s is cast to it and
-    the images back to z's dtype, so ``image_loss`` and the gradient see z's dtype.
+    b is ``vae.config.shift_factor`` (SD3's and FLUX's VAEs), 0 where the VAE has none
+    (z/s + 0 is exact, so SD 1.x and 2.x are unchanged). The decoder runs in its weights' dtype
+    (half precision included): z / s + b is cast to it and the images back to z's dtype, so
+    ``image_loss`` and the gradient see z's dtype.
 
     (docs/maths.md §11.1)
     """
     s = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+    b = float(vae.config.get("shift_factor") or 0.0)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
-        return image_loss(vae.decode((z / s).to(vae.dtype)).sample.to(z.dtype))
+        return image_loss(vae.decode((z / s + b).to(vae.dtype)).sample.to(z.dtype))
 
     return loss
 

@@ -42,7 +42,14 @@ from ..guidance.config import DEFAULTS, GuidanceConfig
 from ..guidance.sampler import guided_sample
 from .latent import TextConditionedModel, decoded_loss
 
-__all__ = ["GuidedPipeline", "GuidedStableDiffusion", "OUTPUT_TYPES", "check_output_type"]
+__all__ = [
+    "GuidedPipeline",
+    "GuidedStableDiffusion",
+    "OUTPUT_TYPES",
+    "check_output_type",
+    "check_prompts",
+    "check_embeds",
+]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -54,16 +61,23 @@ class GuidedPipeline:
     (dtype, device); nothing is copied or downloaded. A subclass gives the layout of its
     latents (:attr:`latent_dims`, :meth:`latent_shape`, :meth:`latent_sizes`), its model
     (:meth:`model`), its decoded loss and its ``__call__``, which chains :meth:`encode`,
-    :meth:`prepare_latents`, :meth:`sample` and its own decode.
+    :meth:`prepare_latents`, :meth:`sample` and its own decode. The denoising network is the
+    pipeline's attribute :attr:`denoiser_name` (a UNet, or the transformer of the
+    flow-matching pipelines, :mod:`sagkit.sd.flow`).
     """
 
     pipeline_name: ClassVar[str] = "diffusers pipeline"
     """What ``pipe`` must be, in error messages."""
     latent_dims: ClassVar[tuple[str, ...]] = ("h", "w")
     """The names of the latents' axes after (B, C)."""
+    denoiser_name: ClassVar[str] = "unet"
+    """The pipeline's attribute holding the denoising network ("unet", "transformer")."""
+    cfg_optional: ClassVar[bool] = False
+    """Whether a run without ``cfg_scale`` samples the conditional model alone (FLUX, whose
+    guidance is distilled into the network), rather than CFG at w = 1."""
 
     def __init__(self, pipe):
-        for name in ("unet", "vae", "scheduler", "encode_prompt"):
+        for name in (self.denoiser_name, "vae", "scheduler", "encode_prompt"):
             if not hasattr(pipe, name):
                 raise TypeError(
                     f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no .{name}"
@@ -76,13 +90,35 @@ class GuidedPipeline:
         return cls(pipe)
 
     @property
+    def denoiser(self):
+        """The pipeline's denoising network (its UNet or transformer)."""
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the latents and of the gradients (float32 for half weights)."""
-        return working_dtype(self.pipe.unet.dtype)
+        return working_dtype(self.denoiser.dtype)
+
+    @property
+    def latent_channels(self) -> int:
+        """C of the latents (B, C, …): the denoiser's ``in_channels``."""
+        return self.denoiser.config.in_channels
+
+    @property
+    def latent_multiple(self) -> int:
+        """The latents' height and width must be multiples of this (1; a transformer's patch
+        size)."""
+        return 1
+
+    @property
+    def default_latent_size(self) -> int:
+        """The latents' side when no height or width is given: the denoiser's
+        ``sample_size`` (diffusers' default)."""
+        return self.denoiser.config.sample_size
 
     def pipeline_default(self, name: str):
         """The default of the pipeline's own ``__call__`` argument ``name`` (its
@@ -105,50 +141,26 @@ class GuidedPipeline:
         One negative prompt (or ``negative_prompt_embeds`` of batch 1) serves the whole batch:
         it is the model's unconditional embedding.
         """
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("give prompt (a string or a list of strings) or prompt_embeds")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("give prompt or prompt_embeds, not both")
-        if prompt is not None and not isinstance(prompt, str):
-            if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
-                raise TypeError(
-                    f"prompt must be a string or a list of strings, got {_kind(prompt)}"
-                )
-            if not prompt:
-                raise ValueError("prompt must be a string or a non-empty list of strings, got []")
-            prompt = list(prompt)  # diffusers takes a list, not any sequence
-        check_count(num_images_per_prompt, "num_images_per_prompt")
-        width = self.pipe.unet.config.cross_attention_dim
+        width = self.denoiser.config.cross_attention_dim
         for name, embeds in (
             ("prompt_embeds", prompt_embeds),
             ("negative_prompt_embeds", negative_prompt_embeds),
         ):
-            if embeds is None:
-                continue
-            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
-                raise TypeError(
-                    f"{name} must be a floating tensor (B, L, {width}), got {_kind(embeds)}"
-                )
-            if embeds.ndim != 3 or embeds.shape[2] != width or 0 in embeds.shape[:2]:
-                raise ValueError(
-                    f"{name} must have shape (B, L, {width}) (the UNet's cross_attention_dim), "
-                    f"got {tuple(embeds.shape)}"
-                )
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(
-                "negative_prompt must be one string (it is the unconditional embedding of the "
-                f"whole batch), got {type(negative_prompt).__name__}"
+            check_embeds(
+                embeds, name, shape=(None, None, width), where="the UNet's cross_attention_dim"
             )
+        prompt, batch = check_prompts(
+            prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+        )
         if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != 1:
             raise ValueError(
                 "negative_prompt_embeds must have batch size 1 (one unconditional embedding), "
                 f"got shape {tuple(negative_prompt_embeds.shape)}"
             )
         # diffusers wants one negative prompt (of prompt's type) or embedding per prompt
-        if isinstance(prompt, str):
-            batch = 1
-        else:
-            batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if negative_prompt is not None and not isinstance(prompt, str):
             negative_prompt = [negative_prompt] * batch
         if negative_prompt_embeds is not None:
@@ -166,7 +178,7 @@ class GuidedPipeline:
 
     def model(self, negative_embeds: torch.Tensor) -> TextConditionedModel:
         """The UNet as a sagkit model, the negative embeddings (1, L, D) its ``null_cond``."""
-        return TextConditionedModel(self.pipe.unet, self.pipe.scheduler, negative_embeds)
+        return TextConditionedModel(self.denoiser, self.pipe.scheduler, negative_embeds)
 
     def defaults(self, loss_fn: Callable | None = None) -> dict:
         """The pipeline's defaults, over sagkit's (:data:`sagkit.guidance.config.DEFAULTS`):
@@ -190,14 +202,16 @@ class GuidedPipeline:
 
     def spatial_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(h, w) = (height, width) / f, f the VAE's downsampling, checked to be positive
-        multiples of f; a side not given is the UNet's ``sample_size`` (diffusers' default)."""
+        multiples of f·:attr:`latent_multiple`; a side not given is
+        :attr:`default_latent_size` times f (diffusers' default)."""
         factor = self.pipe.vae_scale_factor
-        default = self.pipe.unet.config.sample_size * factor
+        multiple = factor * self.latent_multiple
+        default = self.default_latent_size * factor
         height = check_count(default if height is None else height, "height")
         width = check_count(default if width is None else width, "width")
-        if height % factor or width % factor:
+        if height % multiple or width % multiple:
             raise ValueError(
-                f"height and width must be multiples of {factor}, got {height}×{width}"
+                f"height and width must be multiples of {multiple}, got {height}×{width}"
             )
         return height // factor, width // factor
 
@@ -214,22 +228,25 @@ class GuidedPipeline:
 
     def check_latents(self, latents, batch: int, **sizes) -> None:
         """Raise unless ``latents`` is a tensor (``batch``, C, …) of the layout
-        :attr:`latent_dims`, C the UNet's ``in_channels``, every axis >= 1, and each size
-        given (not ``None``) is the one the latents have."""
+        :attr:`latent_dims`, C = :attr:`latent_channels`, every axis >= 1 (h and w multiples
+        of :attr:`latent_multiple`), and each size given (not ``None``) is the one the latents
+        have."""
         layout = ", ".join(self.latent_dims)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(
                 f"latents must be a torch.Tensor (B, C, {layout}), got {type(latents).__name__}"
             )
-        channels = self.pipe.unet.config.in_channels
+        channels, multiple = self.latent_channels, self.latent_multiple
         if (
             latents.ndim != 2 + len(self.latent_dims)
             or latents.shape[1] != channels
             or 0 in latents.shape[2:]
+            or any(side % multiple for side in latents.shape[-2:])
         ):
+            sides = f"{layout} >= 1" if multiple == 1 else f"h, w multiples of {multiple}"
             raise ValueError(
-                f"latents must have shape ({batch}, {channels}, {layout}) (B, the UNet's "
-                f"in_channels, {layout} >= 1), got {tuple(latents.shape)}"
+                f"latents must have shape ({batch}, {channels}, {layout}) (B, the "
+                f"{self.denoiser_name}'s latent channels, {sides}), got {tuple(latents.shape)}"
             )
         if latents.shape[0] != batch:
             raise ValueError(
@@ -266,27 +283,37 @@ class GuidedPipeline:
         generator=None,
         progress: bool = True,
         return_losses: bool = False,
+        model_options: dict | None = None,
         **options,
     ):
         """Guided sampling of latents: z from x_T = ``latents``, conditioned on ``cond``
         (B, L, D) with CFG around ``null`` (1, L, D), guided by ``loss_fn`` on latents (the
         decoded loss of the subclass); returns (z, the losses along the run or ``None``
-        without ``return_losses``).
+        without ``return_losses``). ``model_options`` are keyword arguments of :meth:`model`.
 
         The configuration is ``config`` (the ``options`` given override its fields), or one
         resolved from :meth:`defaults`, then the ``preset`` (built from the pipeline's
-        scheduler config), then the ``options``.
+        scheduler config), then the ``options``; then :meth:`configure` completes it for the
+        latents. Where :attr:`cfg_optional` is set and the configuration has no
+        ``cfg_scale``, the sampler is the model conditioned on ``cond`` alone, without CFG
+        (one network call a step).
         """
-        model = self.model(null)
+        model = self.model(null, **(model_options or {}))
         if config is None:
             config = GuidanceConfig.resolve(
                 preset=preset, model=model, cond=cond, defaults=self.defaults(loss_fn), **options
             )
-            options = {}
         elif preset is not None:
             raise ValueError(
                 "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
             )
+        elif not isinstance(config, GuidanceConfig):
+            raise TypeError(f"config must be a GuidanceConfig, got {type(config).__name__}")
+        else:
+            config = config.replace(**options)
+        config = self.configure(config, latents)
+        if self.cfg_optional and config.cfg_scale is None:  # cond is the model's own condition
+            model, cond = self.model(cond, **(model_options or {})), None
         result = guided_sample(
             model,
             loss_fn,
@@ -296,9 +323,14 @@ class GuidedPipeline:
             generator=generator[0] if isinstance(generator, list) else generator,
             progress=progress,
             return_losses=return_losses,
-            **options,
         )
         return result if return_losses else (result, None)
+
+    def configure(self, config: GuidanceConfig, latents: torch.Tensor) -> GuidanceConfig:
+        """The configuration of a run on ``latents``, completed where the pipeline needs it:
+        ``config`` itself here (the flow-matching pipelines give their scheduler the
+        arguments of their own loop, :meth:`sagkit.sd.flow.FlowPipeline.configure`)."""
+        return config
 
 
 class GuidedStableDiffusion(GuidedPipeline):
@@ -328,7 +360,7 @@ class GuidedStableDiffusion(GuidedPipeline):
         """(B, C, h, w), h = height / f, w = width / f (f the VAE's downsampling; a side not
         given is the UNet's ``sample_size``), C the UNet's ``in_channels``."""
         h, w = self.spatial_size(height, width)
-        return batch, self.pipe.unet.config.in_channels, h, w
+        return batch, self.latent_channels, h, w
 
     def latent_sizes(self, latents: torch.Tensor) -> dict:
         """``height`` and ``width`` of the images of latents (B, C, h, w): h·f and w·f."""
@@ -439,6 +471,57 @@ def check_output_type(output_type) -> None:
     """Raise unless ``output_type`` is one of :data:`OUTPUT_TYPES`."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def check_prompts(
+    prompt, *, prompt_embeds=None, negative_prompt=None, num_images_per_prompt: int = 1
+) -> tuple[str | list[str] | None, int]:
+    """(prompt, B): the prompt as diffusers takes it (a string, a list, or ``None`` with
+    ``prompt_embeds``) and the number of prompts B, or raise naming the argument: exactly one
+    of ``prompt`` (a string or a non-empty sequence of strings) and ``prompt_embeds`` (a
+    tensor (B, …), checked by the caller first with :func:`check_embeds`), one
+    ``negative_prompt`` string (the unconditional embedding of the whole batch), and a
+    positive ``num_images_per_prompt``."""
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give prompt (a string or a list of strings) or prompt_embeds")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("give prompt or prompt_embeds, not both")
+    if prompt is not None and not isinstance(prompt, str):
+        if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+            raise TypeError(f"prompt must be a string or a list of strings, got {_kind(prompt)}")
+        if not prompt:
+            raise ValueError("prompt must be a string or a non-empty list of strings, got []")
+        prompt = list(prompt)  # diffusers takes a list, not any sequence
+    check_count(num_images_per_prompt, "num_images_per_prompt")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise TypeError(
+            "negative_prompt must be one string (it is the unconditional embedding of the "
+            f"whole batch), got {type(negative_prompt).__name__}"
+        )
+    if isinstance(prompt, str):
+        return prompt, 1
+    return prompt, len(prompt) if prompt is not None else prompt_embeds.shape[0]
+
+
+def check_embeds(embeds, name: str, *, shape: tuple, where: str) -> None:
+    """Raise unless ``embeds`` is ``None`` or a floating tensor of ``shape`` (``None`` for a
+    free axis, every axis >= 1); ``where`` says where the fixed sizes come from."""
+    if embeds is None:
+        return
+    letters = ("B", "D") if len(shape) == 2 else ("B", "L", "D")
+    want = (
+        "("
+        + ", ".join(a if n is None else str(n) for a, n in zip(letters, shape, strict=True))
+        + ")"
+    )
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor {want}, got {_kind(embeds)}")
+    if (
+        embeds.ndim != len(shape)
+        or 0 in embeds.shape
+        or any(n is not None and have != n for have, n in zip(embeds.shape, shape, strict=True))
+    ):
+        raise ValueError(f"{name} must have shape {want} ({where}), got {tuple(embeds.shape)}")
 
 
 def _check_generator(generator, batch: int) -> None:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import RoundingChain, roundoff_bound
+from helpers import RoundingChain, roundoff_bound, top_time
 
 import sagkit as sk
 from sagkit.core.frames import get_frame
@@ -58,7 +58,7 @@ def test_noise_recovery_and_encoding_are_exact(mixture, unet_model, param):
         (mixture, _randn((3, 1, 2, 2), 0), 0.0 if param == "eps" else 1e-3),
         (unet_model, _randn((2, 1, 8, 8), 0), unet_model.schedule.t_min),
     ):
-        ts = sk.time_grid(model.schedule, 1.0, t_end, 12)
+        ts = sk.time_grid(model.schedule, top_time(model.schedule), t_end, 12)
         states = []
         with RoundingChain() as chain:  # the roundings behind each result, counted
             x_end, noise = sk.sde_sample(
@@ -117,7 +117,7 @@ def test_sde_adjoint_uses_the_given_noise(mixture):
 
 def test_bad_input(mixture):
     x = _randn((3, 1, 2, 2), 0)
-    ts = sk.time_grid(mixture.schedule, 1.0, 0.0, 4)
+    ts = sk.time_grid(mixture.schedule, top_time(mixture.schedule), 0.0, 4)
     with pytest.raises(ValueError, match="noise must have shape"):
         sk.sde_sample(mixture, x, ts, noise=torch.zeros(3, *x.shape))
     with pytest.raises(ValueError, match="unknown parameterisation"):

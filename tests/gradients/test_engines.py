@@ -11,9 +11,11 @@ import pytest
 import torch
 from helpers import (
     F64_AGREE,
+    SCHEDULES,
     RoundingChain,
     grid,
     make_loss,
+    mixture_under,
     noise,
     pair_bound,
     rel,
@@ -62,9 +64,12 @@ def unet_cond_model(scheduler, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("which", ["mixture", "digits_mixture", "unet_model"])
+@pytest.mark.parametrize("which", [*SCHEDULES, "digits_mixture", "unet_model"])
 def test_symplectic_and_checkpoint_match_backprop_wrt_x(request, which, solver, dtype):
-    model = request.getfixturevalue(which).to(dtype)
+    """which: the test mixture under a schedule of SCHEDULES, or a fixture."""
+    model = (
+        mixture_under(SCHEDULES[which]) if which in SCHEDULES else request.getfixturevalue(which)
+    ).to(dtype)
     x = noise(model.means.shape[1:] if which != "unet_model" else (1, 8, 8), dtype=dtype)
     ts, loss_fn = grid(model), make_loss()
     with RoundingChain() as chain:  # counts the roundings behind each result

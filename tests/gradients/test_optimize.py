@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import RoundingChain, roundoff_bound, tiny_unet
+from helpers import RoundingChain, roundoff_bound, tiny_unet, top_time
 
 import sagkit as sk
 from sagkit.gradients.optimize import cosine_distance, identity_loss, slerp
@@ -16,7 +16,7 @@ def _randn(shape, seed):
 def test_optimize_latent_lowers_the_loss(mixture, method):
     target = mixture.means[1:2].detach().expand(2, -1, -1, -1)
     loss = lambda y: ((y - target) ** 2).flatten(1).sum(1)  # noqa: E731
-    ts = sk.time_grid(mixture.schedule, 1.0, 1e-3, 20, spacing="lambda")
+    ts = sk.time_grid(mixture.schedule, top_time(mixture.schedule), 1e-3, 20, spacing="lambda")
     res = sk.optimize_latent(
         mixture,
         loss,

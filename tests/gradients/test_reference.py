@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import RoundingChain, grid, make_loss, noise, roundoff_bound
+from helpers import SCHEDULES, RoundingChain, grid, make_loss, mixture_under, noise, roundoff_bound
 
 import sagkit as sk
 
@@ -27,9 +27,12 @@ def test_one_gaussian_gradient_is_the_closed_form_jacobian():
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("which", ["mixture", "digits_mixture", "unet_model"])
+@pytest.mark.parametrize("which", [*SCHEDULES, "digits_mixture", "unet_model"])
 def test_finite_differences_agree_with_float64_backprop(request, which, solver):
-    model = request.getfixturevalue(which)
+    """which: the test mixture under a schedule of SCHEDULES, or a fixture."""
+    model = (
+        mixture_under(SCHEDULES[which]) if which in SCHEDULES else request.getfixturevalue(which)
+    )
     x = noise(model.means.shape[1:] if which != "unet_model" else (1, 8, 8))
     v = noise(x.shape[1:], seed=3)
     ts, loss_fn, delta = grid(model), make_loss(), 1e-4

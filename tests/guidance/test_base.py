@@ -168,7 +168,7 @@ def test_ddim_base_is_the_ddim_formula(digits_model, x_T):
     """One step of sagkit's DDIM: x_s = α_s x̂0 + σ_s ε with x̂0 Tweedie's (docs/maths.md §2.2)."""
     base = DDIMBase(digits_model.schedule, 4)
     t, s = base.times[1], base.times[2]
-    eps = base.eps(digits_model, x_T, 1, digits_model.null_cond.expand(3, -1))
+    eps = base.predict(digits_model, x_T, 1, digits_model.null_cond.expand(3, -1))
     x0 = tweedie_x0(digits_model.schedule, x_T, t, eps)
     sc = digits_model.schedule
     terms = (sc.alpha(s) * x0, sc.sigma(s) * eps)

@@ -74,3 +74,25 @@ def test_animatediff_worker_on_a_tiny_motion_unet(sd_memory):
     extra = sd_memory.extrapolated(rows, (1, 4, 2, 8, 8), (1, 4, 16, 64, 64))
     text = sd_memory.render(rows, runs, extra)
     assert text.startswith("UNetMotionModel") and "latent 1×4×16×64×64" in text
+
+
+def test_sd3_worker_on_a_tiny_transformer(sd_memory, monkeypatch):
+    """Every engine's gradient through an SD3Transformer2DModel (the velocity frame of the
+    rectified flow, the text packed with the pooled embedding), on a tiny configuration."""
+    tiny = dict(
+        sd_memory.SD3_MEDIUM, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        in_channels=4, out_channels=4, pos_embed_max_size=8,
+    )  # fmt: skip
+    monkeypatch.setattr(sd_memory, "SD3_MEDIUM", tiny)
+    runs = []
+    for method in sd_memory.METHODS:
+        argv = ["--model", "sd3", "--latent", "8", "--t5-tokens", "3", "--worker"]
+        args = sd_memory.parser().parse_args([*argv, "--method", method, "--n", "2"])
+        runs.append({**sd_memory.worker(args), "round": 0})
+    assert {(r["network"], tuple(r["latent_shape"]), r["text_tokens"]) for r in runs} == {
+        ("SD3Transformer2DModel", (1, 4, 8, 8), 77 + 3 + 1)  # CLIP, T5 and the pooled row
+    }
+    assert all(r["time_s"] > 0 for r in runs)
+    text = sd_memory.render(sd_memory.table(runs), runs)
+    assert text.startswith("SD3Transformer2DModel") and "latent 1×4×8×8" in text

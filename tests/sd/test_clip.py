@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import RoundingChain, pair_bound, rel, roundoff_bound
+from helpers import RoundingChain, pair_bound, rel, roundoff_bound, seeded
 
 from sagkit.sd.clip import (
     OPENAI_CLIP_STD,
@@ -17,21 +17,12 @@ from sagkit.sd.clip import (
     resized_size,
     text_embeddings,
 )
-from sagkit.sd.tiny import tiny_clip_vision, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def vision():
-    return tiny_clip_vision(dtype=torch.float64)
+from sagkit.sd.tiny import tiny_tokenizer
 
 
 def images(batch=2, shape=(20, 24), seed=0):
     """Images in [-1, 1], (B, 3, H, W), float64."""
-    return torch.rand(batch, 3, *shape, dtype=torch.float64, generator=_gen(seed)) * 2 - 1
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, *shape, dtype=torch.float64, generator=seeded(seed)) * 2 - 1
 
 
 def resample_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -50,7 +41,7 @@ def test_preprocess_matches_clip_image_processor(shape):
     crop = {"height": size, "width": size}
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop)
     # 8-bit images in [64, 192]: the resize's overshoot stays inside [0, 255] (below)
-    pixels = torch.randint(64, 193, (2, 3, *shape), generator=_gen(0), dtype=torch.uint8)
+    pixels = torch.randint(64, 193, (2, 3, *shape), generator=seeded(0), dtype=torch.uint8)
     arrays = [p.permute(1, 2, 0).numpy() for p in pixels]
     want = torch.as_tensor(np.asarray(processor(arrays, return_tensors="np").pixel_values))
     got = preprocess(pixels.double() / 255 * 2 - 1, size=size)

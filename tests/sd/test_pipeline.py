@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import RoundingChain, pair_bound, rel, roundoff_bound
+from helpers import PROMPTS, RoundingChain, pair_bound, rel, roundoff_bound, seeded
 
 import sagkit as sk
 from sagkit.sd.clip import (
@@ -14,8 +14,6 @@ from sagkit.sd.clip import (
 from sagkit.sd.pipeline import GuidedStableDiffusion
 from sagkit.sd.tiny import tiny_clip_vision, tiny_pipeline
 
-PROMPTS = ["a red fox", "a lighthouse"]
-
 
 @pytest.fixture(scope="module")
 def pipe():
@@ -23,17 +21,8 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def vision():
-    return tiny_clip_vision(dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def reference():
     return torch.rand(3, 24, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])  # SD 1.x; SD 2.x at 768²

@@ -4,11 +4,13 @@ UNetMotionModel and TextToVideoSD's UNet3DConditionModel."""
 import pytest
 import torch
 from helpers import (
+    PROMPTS,
     WRONG_GRADIENT,
     RoundingChain,
     pair_bound,
     rel,
     roundoff_bound,
+    seeded,
     unit_roundoff,
 )
 
@@ -19,7 +21,6 @@ from sagkit.sd.tiny_video import tiny_animatediff, tiny_text_to_video
 from sagkit.sd.video import GuidedVideo, decode_video, video_decoded_loss
 from sagkit.sd.video_losses import FrameAverage, video_style_loss
 
-PROMPTS = ["a red fox", "a lighthouse"]
 FRAMES = 2
 BUILDERS = {"animatediff": tiny_animatediff, "text-to-video": tiny_text_to_video}
 
@@ -30,17 +31,8 @@ def pipe(request):
 
 
 @pytest.fixture(scope="module")
-def vision():
-    return tiny_clip_vision(dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def reference():
     return torch.rand(3, 24, 20, dtype=torch.float64, generator=seeded(3)) * 2 - 1
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def test_unguided_run_is_the_diffusers_pipeline(pipe):

@@ -3,7 +3,7 @@ gradients against central differences, and the inputs they refuse."""
 
 import pytest
 import torch
-from helpers import WRONG_GRADIENT, RoundingChain, pair_bound, rel, roundoff_bound
+from helpers import WRONG_GRADIENT, RoundingChain, pair_bound, rel, roundoff_bound, seeded
 
 from sagkit.sd.clip import (
     ImageSimilarityLoss,
@@ -22,22 +22,13 @@ from sagkit.sd.video_losses import (
 )
 
 
-@pytest.fixture(scope="module")
-def vision():
-    return tiny_clip_vision(dtype=torch.float64)
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def video(batch=2, frames=3, size=(16, 20), seed=0):
     """A video in [-1, 1], (B, 3, F, H, W), float64, every frame different."""
-    return torch.rand(batch, 3, frames, *size, dtype=torch.float64, generator=_gen(seed)) * 2 - 1
+    return torch.rand(batch, 3, frames, *size, dtype=torch.float64, generator=seeded(seed)) * 2 - 1
 
 
 def reference(seed=1):
-    return torch.rand(1, 3, 24, 24, dtype=torch.float64, generator=_gen(seed)) * 2 - 1
+    return torch.rand(1, 3, 24, 24, dtype=torch.float64, generator=seeded(seed)) * 2 - 1
 
 
 def test_frame_average_is_the_mean_of_the_per_frame_losses(vision):
