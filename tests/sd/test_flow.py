@@ -28,6 +28,7 @@ from sagkit.sd.flow import (
     unpack_latents,
     unpack_text,
 )
+from sagkit.sd.tiny import tiny_clip_vision
 from sagkit.sd.tiny_flow import tiny_flux, tiny_sd3
 
 TOKENS = 12  # T5 tokens (max_sequence_length): short sequences keep the runs fast
@@ -324,3 +325,20 @@ def test_half_precision_weights_keep_sagkit_in_float32():
     assert torch.equal(v, net[0].float())
     with pytest.raises(TypeError, match=r"weights are torch.bfloat16 .*pass x.float\(\)"):
         model.velocity(z.bfloat16(), t, cond)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_bfloat16_flow_pipeline_on_cuda(name):
+    """bfloat16 weights on a GPU: SAG runs with float32 latents and gradients, finite."""
+    build = {"sd3": tiny_sd3, "flux": tiny_flux}[name]
+    pipe = build(dtype=torch.bfloat16).to("cuda")
+    vision = tiny_clip_vision(dtype=torch.bfloat16).to("cuda")
+    reference = torch.rand(3, 16, 16, device="cuda") * 2 - 1
+    out = GUIDED[name].from_pipe(pipe)(
+        PROMPTS, loss_fn=StyleLoss(vision, reference), steps=4, window=(0, 1), n=2,
+        max_sequence_length=TOKENS, generator=torch.Generator("cuda").manual_seed(0),
+        output_type="latent", progress=False,
+    )  # fmt: skip
+    assert out.images.dtype == torch.float32 and bool(torch.isfinite(out.images).all())
