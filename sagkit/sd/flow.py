@@ -43,7 +43,7 @@ from ..core.models import null_cond_of, working_dtype
 from ..core.schedules import FlowSchedule, is_flow_scheduler
 from ..guidance.base import Timesteps
 from ..guidance.config import GuidanceConfig
-from .latent import decoded_loss
+from .latent import decoded_loss, vae_input
 from .pipeline import GuidedPipeline, check_embeds, check_output_type, check_prompts
 
 __all__ = [
@@ -524,8 +524,7 @@ class FlowPipeline(GuidedPipeline):
         if output_type == "latent":
             return self.output(z)
         vae = self.pipe.vae
-        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        image = vae.decode(vae_input(vae, z).to(vae.dtype), return_dict=False)[0]
         return self.output(self.pipe.image_processor.postprocess(image, output_type=output_type))
 
     def output(self, images):

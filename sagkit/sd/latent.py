@@ -20,7 +20,20 @@ import torch
 
 from ..core.models import DiffusersModel
 
-__all__ = ["decoded_loss", "TextConditionedModel"]
+__all__ = ["vae_input", "decoded_loss", "TextConditionedModel"]
+
+
+def vae_input(vae, z: torch.Tensor, *, scaling_factor: float | None = None) -> torch.Tensor:
+    """What the decoder takes for latents z: z / s + b, shape of z.
+
+    s is ``scaling_factor``, by default ``vae.config.scaling_factor`` (0.18215 for SD 1.x); b is
+    ``vae.config.shift_factor`` (SD3's and FLUX's VAEs), 0 where the VAE has none (z/s + 0 is
+    exact, so SD 1.x and 2.x are unchanged).
+
+    (docs/maths.md §11.1, §11.10)
+    """
+    s = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+    return z / s + float(vae.config.get("shift_factor") or 0.0)
 
 
 def decoded_loss(vae, image_loss: Callable, *, scaling_factor: float | None = None) -> Callable:
@@ -30,18 +43,16 @@ def decoded_loss(vae, image_loss: Callable, *, scaling_factor: float | None = No
         vae: a diffusers ``AutoencoderKL``.
         image_loss: maps decoded images (B, 3, H, W), roughly in [-1, 1], to (B,) or a scalar.
         scaling_factor: s; by default ``vae.config.scaling_factor`` (0.18215 for SD 1.x).
-    b is ``vae.config.shift_factor`` (SD3's and FLUX's VAEs), 0 where the VAE has none
-    (z/s + 0 is exact, so SD 1.x and 2.x are unchanged). The decoder runs in its weights' dtype
-    (half precision included): z / s + b is cast to it and the images back to z's dtype, so
-    ``image_loss`` and the gradient see z's dtype.
+    The decoder sees :func:`vae_input` of z and runs in its weights' dtype (half precision
+    included): z / s + b is cast to it and the images back to z's dtype, so ``image_loss`` and
+    the gradient see z's dtype.
 
     (docs/maths.md §11.1)
     """
-    s = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
-    b = float(vae.config.get("shift_factor") or 0.0)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
-        return image_loss(vae.decode((z / s + b).to(vae.dtype)).sample.to(z.dtype))
+        decoded = vae.decode(vae_input(vae, z, scaling_factor=scaling_factor).to(vae.dtype))
+        return image_loss(decoded.sample.to(z.dtype))
 
     return loss
 

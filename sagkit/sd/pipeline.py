@@ -40,7 +40,7 @@ from ..core.checks import check_count
 from ..core.models import working_dtype
 from ..guidance.config import DEFAULTS, GuidanceConfig
 from ..guidance.sampler import guided_sample
-from .latent import TextConditionedModel, decoded_loss
+from .latent import TextConditionedModel, decoded_loss, vae_input
 
 __all__ = [
     "GuidedPipeline",
@@ -457,7 +457,7 @@ class GuidedStableDiffusion(GuidedPipeline):
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=z, nsfw_content_detected=None)
         vae = self.pipe.vae
-        z = (z / vae.config.scaling_factor).to(vae.dtype)
+        z = vae_input(vae, z).to(vae.dtype)
         image = vae.decode(z, return_dict=False, generator=generator)[0]
         image, nsfw = self.pipe.run_safety_checker(image, self.device, vae.dtype)
         keep = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.checks import check_count
 from ..gradients.memory import checkpoint_contexts
 from ..guidance.config import GuidanceConfig
-from .latent import TextConditionedModel
+from .latent import TextConditionedModel, vae_input
 from .pipeline import GuidedPipeline, check_output_type
 
 __all__ = [
@@ -78,9 +78,10 @@ def decode_video(
     if not isinstance(z, torch.Tensor) or z.ndim != 5:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"z must be latent video (B, C, F, h, w), got {shape}")
-    s = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
     b, c, f, h, w = z.shape
-    frames = (z / s).transpose(1, 2).reshape(b * f, c, h, w)
+    frames = (
+        vae_input(vae, z, scaling_factor=scaling_factor).transpose(1, 2).reshape(b * f, c, h, w)
+    )
     recorded = torch.is_grad_enabled() and frames.requires_grad
     pieces = []
     for start in range(0, b * f, chunk):
