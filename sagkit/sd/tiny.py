@@ -24,6 +24,7 @@ __all__ = [
     "TEXT_WIDTH",
     "tiny_tokenizer",
     "tiny_unet_and_vae",
+    "tiny_vae",
     "tiny_pipeline",
     "tiny_clip_vision",
     "cast_components",
@@ -53,7 +54,7 @@ def tiny_unet_and_vae(
     """A tiny random ``UNet2DConditionModel`` (4 latent channels, widths 16 and 32, cross
     attention to ``cross_attention_dim``) and ``AutoencoderKL`` (images 2·``latent_size``
     square), built in that order after ``torch.manual_seed(seed)``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -68,17 +69,28 @@ def tiny_unet_and_vae(
         norm_num_groups=8,
         attention_head_dim=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=2 * latent_size,
+    return unet, tiny_vae(latent_size=latent_size)
+
+
+def tiny_vae(*, latent_size: int, **config):
+    """A tiny random ``AutoencoderKL`` with 4 latent channels that halves the side once
+    (images 2·``latent_size`` square); ``config`` adds to or overrides its diffusers config
+    (a flow model's ``scaling_factor``, ``shift_factor``, no quant convolutions)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        **{
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": (8, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "norm_num_groups": 4,
+            "sample_size": 2 * latent_size,
+            **config,
+        }
     )
-    return unet, vae
 
 
 def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):

@@ -20,7 +20,7 @@ import string
 
 import torch
 
-from .tiny import cast_components, tiny_tokenizer
+from .tiny import cast_components, tiny_tokenizer, tiny_vae
 
 __all__ = ["TEXT_WIDTH", "tiny_t5_tokenizer", "tiny_t5", "tiny_flow_vae", "tiny_sd3", "tiny_flux"]
 
@@ -82,19 +82,10 @@ def _clip_text(tokenizer, model_class):
 
 
 def tiny_flow_vae(*, latent_size: int, scaling_factor: float, shift_factor: float):
-    """An ``AutoencoderKL`` with 4 latent channels that halves the side once (images
-    2·``latent_size`` square), without the quant convolutions (as SD3's and FLUX's)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=2 * latent_size,
+    """:func:`~sagkit.sd.tiny.tiny_vae` with a flow model's scale and shift and without the
+    quant convolutions (as SD3's and FLUX's VAEs)."""
+    return tiny_vae(
+        latent_size=latent_size,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=False,
