@@ -17,7 +17,18 @@ import torch
 
 from ..core.checks import check_count
 
-__all__ = ["guidance_window", "repeat_schedule", "renoise"]
+__all__ = ["check_window", "guidance_window", "repeat_schedule", "renoise"]
+
+
+def check_window(window) -> tuple[float, float]:
+    """``window`` as a checked pair of floats (lo, hi) with 0 ≤ lo < hi ≤ 1."""
+    try:
+        lo, hi = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a pair (lo, hi) of fractions, got {window!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"window must satisfy 0 <= lo < hi <= 1, got {window!r}")
+    return lo, hi
 
 
 def guidance_window(steps: int, window) -> list[bool]:
@@ -25,12 +36,7 @@ def guidance_window(steps: int, window) -> list[bool]:
 
     (docs/maths.md §8.6)
     """
-    try:
-        lo, hi = (float(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a pair (lo, hi) of fractions, got {window!r}") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"window must satisfy 0 <= lo < hi <= 1, got {window!r}")
+    lo, hi = check_window(window)
     return [lo <= k / steps < hi for k in range(steps)]
 
 

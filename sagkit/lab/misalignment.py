@@ -25,6 +25,7 @@ from ..core.checks import check_count, check_inputs, check_time
 from ..core.estimates import estimate_x0, rms_distance
 from ..core.schedules import Schedule, nearest_index, time_grid
 from ..core.solvers import solve
+from ..guidance.travel import check_window
 
 __all__ = ["misalignment", "misalignment_by_noise_level", "matched_window", "commitment"]
 
@@ -206,12 +207,7 @@ def matched_window(window, *, schedule: Schedule, reference: Schedule) -> tuple[
 
     (docs/maths.md §3.4)
     """
-    try:
-        lo, hi = (float(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a pair (lo, hi) of fractions, got {window!r}") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"window must satisfy 0 <= lo < hi <= 1, got {window!r}")
+    lo, hi = check_window(window)
     for name, value in (("schedule", schedule), ("reference", reference)):
         if not isinstance(value, Schedule):
             raise TypeError(f"{name} must be a Schedule, got {type(value).__name__}")
