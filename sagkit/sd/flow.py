@@ -43,8 +43,8 @@ from ..core.models import null_cond_of, working_dtype
 from ..core.schedules import FlowSchedule, is_flow_scheduler
 from ..guidance.base import Timesteps
 from ..guidance.config import GuidanceConfig
-from .latent import decoded_loss, vae_input
-from .pipeline import GuidedPipeline, check_embeds, check_output_type, check_prompts
+from .latent import vae_input
+from .pipeline import GuidedPipeline, check_embeds, check_prompts
 
 __all__ = [
     "pack_text",
@@ -448,12 +448,6 @@ class FlowPipeline(GuidedPipeline):
         slope = (max_shift - base_shift) / (max_len - base_len)
         return tokens * slope + base_shift - slope * base_len
 
-    def latent_loss(self, loss_fn: Callable) -> Callable:
-        """z ↦ loss_fn(D(z / s + b)) on the pipeline's VAE (s its ``scaling_factor``, b its
-        ``shift_factor``; :func:`sagkit.sd.latent.decoded_loss`); ``loss_fn`` takes images in
-        [-1, 1]."""
-        return decoded_loss(self.pipe.vae, loss_fn)
-
     def latent_shape(
         self, batch: int, *, height: int | None = None, width: int | None = None
     ) -> tuple[int, int, int, int]:
@@ -466,55 +460,6 @@ class FlowPipeline(GuidedPipeline):
         """``height`` and ``width`` of the images of latents (B, C, h, w): h·f and w·f."""
         factor = self.pipe.vae_scale_factor
         return {"height": latents.shape[2] * factor, "width": latents.shape[3] * factor}
-
-    def run(
-        self,
-        prompt,
-        negative_prompt,
-        *,
-        loss_fn,
-        config,
-        preset,
-        height,
-        width,
-        num_images_per_prompt,
-        generator,
-        latents,
-        embeds: dict,
-        max_sequence_length,
-        output_type,
-        return_losses,
-        progress,
-        model_options: dict,
-        options: dict,
-    ):
-        """The ``__call__`` of both pipelines: encode, draw or check x_T, sample, decode."""
-        check_output_type(output_type)
-        cond, null = self.encode(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            **embeds,
-        )
-        x_T = self.prepare_latents(
-            latents, cond.shape[0], generator=generator, height=height, width=width
-        )
-        z, losses = self.sample(
-            x_T,
-            cond,
-            null,
-            loss_fn=None if loss_fn is None else self.latent_loss(loss_fn),
-            config=config,
-            preset=preset,
-            generator=generator,
-            progress=progress,
-            return_losses=return_losses,
-            model_options=model_options,
-            **options,
-        )
-        output = self.decode(z, output_type=output_type)
-        return (output, losses) if return_losses else output
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, output_type: str = "pil"):
@@ -623,23 +568,23 @@ class GuidedStableDiffusion3(FlowPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
-        return self.run(
+        return self.generate(
             prompt,
             negative_prompt,
             loss_fn=loss_fn,
             config=config,
             preset=preset,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
             latents=latents,
-            embeds=embeds,
-            max_sequence_length=max_sequence_length,
+            generator=generator,
             output_type=output_type,
             return_losses=return_losses,
             progress=progress,
-            model_options={},
+            encode_options={
+                "num_images_per_prompt": num_images_per_prompt,
+                "max_sequence_length": max_sequence_length,
+                **embeds,
+            },
+            sizes={"height": height, "width": width},
             options=options,
         )
 
@@ -748,22 +693,23 @@ class GuidedFlux(FlowPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
-        return self.run(
+        return self.generate(
             prompt,
             negative_prompt,
             loss_fn=loss_fn,
             config=config,
             preset=preset,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
             latents=latents,
-            embeds=embeds,
-            max_sequence_length=max_sequence_length,
+            generator=generator,
             output_type=output_type,
             return_losses=return_losses,
             progress=progress,
-            model_options={"guidance_scale": guidance_scale},
+            encode_options={
+                "num_images_per_prompt": num_images_per_prompt,
+                "max_sequence_length": max_sequence_length,
+                **embeds,
+            },
+            sizes={"height": height, "width": width},
             options=options,
+            model_options={"guidance_scale": guidance_scale},
         )

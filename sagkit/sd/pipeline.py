@@ -271,6 +271,57 @@ class GuidedPipeline:
         self.check_latents(latents, batch, **sizes)
         return latents.to(self.device, self.dtype)
 
+    def latent_loss(self, loss_fn: Callable) -> Callable:
+        """z ↦ loss_fn(D(z / s + b)) on the pipeline's VAE (:func:`~sagkit.sd.latent.decoded_loss`);
+        ``loss_fn`` takes images in [-1, 1]. A video pipeline decodes in chunks instead."""
+        return decoded_loss(self.pipe.vae, loss_fn)
+
+    def generate(
+        self,
+        prompt,
+        negative_prompt,
+        *,
+        loss_fn: Callable | None,
+        config: GuidanceConfig | None,
+        preset: str | None,
+        latents,
+        generator,
+        output_type: str,
+        return_losses: bool,
+        progress: bool,
+        encode_options: dict,
+        sizes: dict,
+        options: dict,
+        model_options: dict | None = None,
+        loss_options: dict | None = None,
+        decode_options: dict | None = None,
+    ):
+        """What every pipeline's ``__call__`` does: encode the prompts (:meth:`encode` with
+        ``encode_options``), draw or check x_T (:meth:`prepare_latents` with the latents'
+        ``sizes``), sample (:meth:`sample` with the GuidanceConfig ``options`` and
+        ``model_options``), decode (``decode_options``, which :meth:`latent_loss` takes too
+        where ``loss_options`` says so); returns the output, with ``return_losses`` a pair
+        (output, losses)."""
+        check_output_type(output_type)
+        cond, null = self.encode(prompt, negative_prompt=negative_prompt, **encode_options)
+        x_T = self.prepare_latents(latents, cond.shape[0], generator=generator, **sizes)
+        loss = None if loss_fn is None else self.latent_loss(loss_fn, **(loss_options or {}))
+        z, losses = self.sample(
+            x_T,
+            cond,
+            null,
+            loss_fn=loss,
+            config=config,
+            preset=preset,
+            generator=generator,
+            progress=progress,
+            return_losses=return_losses,
+            model_options=model_options,
+            **options,
+        )
+        output = self.decode(z, output_type=output_type, **(decode_options or {}))
+        return (output, losses) if return_losses else output
+
     def sample(
         self,
         latents: torch.Tensor,
@@ -350,10 +401,6 @@ class GuidedStableDiffusion(GuidedPipeline):
                 ".image_processor"
             )
 
-    def latent_loss(self, loss_fn: Callable) -> Callable:
-        """z ↦ loss_fn(D(z / s)) on the pipeline's VAE; ``loss_fn`` takes images in [-1, 1]."""
-        return decoded_loss(self.pipe.vae, loss_fn)
-
     def latent_shape(
         self, batch: int, *, height: int | None = None, width: int | None = None
     ) -> tuple[int, int, int, int]:
@@ -422,31 +469,26 @@ class GuidedStableDiffusion(GuidedPipeline):
             diffusers' ``StableDiffusionPipelineOutput`` (``.images``,
             ``.nsfw_content_detected``), with ``return_losses`` a pair (output, losses).
         """
-        check_output_type(output_type)
-        cond, null = self.encode(
+        return self.generate(
             prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-        )
-        x_T = self.prepare_latents(
-            latents, cond.shape[0], generator=generator, height=height, width=width
-        )
-        z, losses = self.sample(
-            x_T,
-            cond,
-            null,
-            loss_fn=None if loss_fn is None else self.latent_loss(loss_fn),
+            negative_prompt,
+            loss_fn=loss_fn,
             config=config,
             preset=preset,
+            latents=latents,
             generator=generator,
-            progress=progress,
+            output_type=output_type,
             return_losses=return_losses,
-            **options,
+            progress=progress,
+            encode_options={
+                "num_images_per_prompt": num_images_per_prompt,
+                "prompt_embeds": prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            },
+            sizes={"height": height, "width": width},
+            options=options,
+            decode_options={"generator": generator},
         )
-        output = self.decode(z, output_type=output_type, generator=generator)
-        return (output, losses) if return_losses else output
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, output_type: str = "pil", generator=None):

@@ -31,7 +31,7 @@ from ..core.checks import check_count
 from ..gradients.memory import checkpoint_contexts
 from ..guidance.config import GuidanceConfig
 from .latent import TextConditionedModel, vae_input
-from .pipeline import GuidedPipeline, check_output_type
+from .pipeline import GuidedPipeline
 
 __all__ = [
     "DECODE_CHUNK_SIZE",
@@ -305,40 +305,28 @@ class GuidedVideo(GuidedPipeline):
                 )
         if output_type is None:
             output_type = self.pipeline_default("output_type")
-        check_output_type(output_type)
-        decode_chunk_size = check_count(decode_chunk_size, "decode_chunk_size")
-        cond, null = self.encode(
+        chunk = {"decode_chunk_size": check_count(decode_chunk_size, "decode_chunk_size")}
+        return self.generate(
             prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-        )
-        x_T = self.prepare_latents(
-            latents,
-            cond.shape[0],
-            generator=generator,
-            num_frames=num_frames,
-            height=height,
-            width=width,
-        )
-        loss = None
-        if loss_fn is not None:
-            loss = self.latent_loss(loss_fn, decode_chunk_size=decode_chunk_size)
-        z, losses = self.sample(
-            x_T,
-            cond,
-            null,
-            loss_fn=loss,
+            negative_prompt,
+            loss_fn=loss_fn,
             config=config,
             preset=preset,
+            latents=latents,
             generator=generator,
-            progress=progress,
+            output_type=output_type,
             return_losses=return_losses,
-            **options,
+            progress=progress,
+            encode_options={
+                "num_images_per_prompt": num_videos_per_prompt,
+                "prompt_embeds": prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            },
+            sizes={"num_frames": num_frames, "height": height, "width": width},
+            options=options,
+            loss_options=chunk,
+            decode_options=chunk,
         )
-        output = self.decode(z, output_type=output_type, decode_chunk_size=decode_chunk_size)
-        return (output, losses) if return_losses else output
 
     @torch.no_grad()
     def decode(
