@@ -35,6 +35,7 @@ __all__ = [
     "DiffusersModel",
     "ClassifierFreeGuidance",
     "null_cond_of",
+    "time_column",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -56,7 +57,7 @@ def null_cond_of(model) -> torch.Tensor | None:
     return getattr(model, "null_cond", None)
 
 
-def _time_column(t, x: torch.Tensor) -> torch.Tensor:
+def time_column(t, x: torch.Tensor) -> torch.Tensor:
     """t as a float64 tensor of shape (B,) for a batch x of shape (B, ...)."""
     check_time(t, "t", allow_zero=True)  # a float is checked on the host, before any copy
     tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
@@ -130,7 +131,7 @@ class GaussianMixture(nn.Module):
         """(w (B, K), α_t (B,), v_t (B,), μ (K, D), x flattened (B, D)): the posterior weights
         of the components given x_t = x, and what they were computed from."""
         self._check(x)
-        tt = _time_column(t, x)
+        tt = time_column(t, x)
         alpha = self.schedule.alpha(tt).to(x.dtype)  # (B,)
         var = alpha**2 * self.std**2 + self.schedule.sigma(tt).to(x.dtype) ** 2  # v_t, (B,)
         flat = x.reshape(x.shape[0], -1)  # (B, D)
@@ -165,7 +166,7 @@ class GaussianMixture(nn.Module):
 
         (docs/maths.md §4.2)
         """
-        sigma = per_sample(self.schedule.sigma(_time_column(t, x)), x)
+        sigma = per_sample(self.schedule.sigma(time_column(t, x)), x)
         return -sigma * self.score(x, t, cond)
 
     def x0(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
@@ -291,7 +292,7 @@ class DiffusersModel(nn.Module):
         (docs/maths.md §1.3)
         """
         cond = self._check(x, cond)
-        tt = _time_column(t, x)
+        tt = time_column(t, x)
         timestep = (tt * self.schedule.num_train_timesteps - 1).to(x.dtype)
         net_dtype = self.unet.dtype
         if cond is not None and cond.is_floating_point():
@@ -342,7 +343,7 @@ class ClassifierFreeGuidance(nn.Module):
         if cond is None:
             raise ValueError("ClassifierFreeGuidance needs cond")
         null = self.null_cond.to(cond).expand_as(cond)
-        tt = _time_column(t, x)
+        tt = time_column(t, x)
         xx, tt, cc = torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])
         out = self.model.eps(xx, tt, cc) if kind == "eps" else velocity_of(self.model, xx, tt, cc)
         out_cond, out_uncond = out.chunk(2)

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checks import check_cond, check_count, check_matches, check_scale, check_time
+from ..core.checks import check_cond, check_count, check_matches, check_scale
 from ..core.frames import per_sample
-from ..core.models import null_cond_of, working_dtype
+from ..core.models import null_cond_of, time_column, working_dtype
 from ..core.schedules import FlowSchedule, is_flow_scheduler
 from ..guidance.base import Timesteps
 from ..guidance.config import GuidanceConfig
@@ -181,18 +181,6 @@ class FlowTransformerModel(nn.Module):
             )
         return cond.expand(x.shape[0], *cond.shape[1:])
 
-    def _sigmas(self, t, x: torch.Tensor) -> torch.Tensor:
-        """σ_t as a float64 (B,) tensor, t a float or a (B,) tensor."""
-        check_time(t, "t", allow_zero=True)
-        tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-        if tt.ndim == 0:
-            tt = tt.expand(x.shape[0])
-        if tt.shape != (x.shape[0],):
-            raise ValueError(
-                f"t must be a float or a tensor of shape ({x.shape[0]},), got {tuple(tt.shape)}"
-            )
-        return self.schedule.sigma(tt)
-
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         """The scheduler's timesteps σ·N for the σ's (B,), float32 as the scheduler holds
         them (``FlowMatchEulerDiscreteScheduler.timesteps``)."""
@@ -209,7 +197,7 @@ class FlowTransformerModel(nn.Module):
         (docs/maths.md §11.10)
         """
         cond = self._check(x, cond)
-        sigma = self._sigmas(t, x)
+        sigma = self.schedule.sigma(time_column(t, x))
         dtype = self.transformer.dtype
         return self.network(x.to(dtype), sigma, cond.to(dtype)).to(x.dtype)
 
@@ -219,8 +207,8 @@ class FlowTransformerModel(nn.Module):
         (docs/maths.md §11.10)
         """
         v = self.velocity(x, t, cond)
-        sigma = self._sigmas(t, x)
-        alpha = 1 - sigma
+        tt = time_column(t, x)
+        alpha, sigma = self.schedule.alpha(tt), self.schedule.sigma(tt)
         return (x + per_sample(alpha, x) * v) / per_sample(alpha + sigma, x)
 
 
