@@ -464,6 +464,90 @@ class FlowPipeline(GuidedPipeline):
         """diffusers' output object of the pipeline holding ``images``."""
         raise NotImplementedError
 
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+        *,
+        loss_fn: Callable | None = None,
+        config: GuidanceConfig | None = None,
+        preset: str | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        return_losses: bool = False,
+        progress: bool = True,
+        **options,
+    ):
+        """Guided text-to-image sampling with Stable Diffusion 3 or FLUX.
+
+        As :class:`sagkit.sd.pipeline.GuidedStableDiffusion` (the configuration, ``loss_fn``,
+        ``generator``, ``latents`` (B, C, h, w), ``output_type``, ``return_losses``), with
+        ``cfg_scale`` defaulting to SD3's pipeline's ``guidance_scale`` (7) and the text as
+        embeddings where wanted: ``prompt_embeds`` (B, L, D) with ``pooled_prompt_embeds``
+        (B, P), ``negative_prompt_embeds`` (1, L, D) with ``negative_pooled_prompt_embeds``
+        (1, P) (see :meth:`FlowPipeline.encode`). height and width are multiples of f·p (f the
+        VAE's factor, p the patch size). ``sampler``: the pipeline's scheduler by default,
+        driven as the pipeline drives it (:meth:`FlowPipeline.configure`); "ddim" is
+        sagkit's uniform grid in t.
+
+        With FLUX (:class:`GuidedFlux`):
+
+        - ``guidance_scale``: the distilled guidance of FLUX-dev's transformer (default the
+          pipeline's, 3.5; ignored by FLUX-schnell's);
+        - ``cfg_scale`` (an option): CFG around the negative prompt (default "") with this w,
+          diffusers' ``true_cfg_scale``; without it, no CFG (one network call a step);
+        - height and width multiples of 2f; ``latents`` unpacked, (B, C, h, w);
+        - the sampler: the pipeline's scheduler by default with ``FluxPipeline``'s σ's and μ
+          (:meth:`timestep_options`).
+
+        Returns:
+            diffusers' ``StableDiffusion3PipelineOutput`` or ``FluxPipelineOutput``
+            (``.images``), with ``return_losses`` a pair (output, losses).
+        """
+        return self.generate(
+            prompt,
+            negative_prompt,
+            loss_fn=loss_fn,
+            config=config,
+            preset=preset,
+            latents=latents,
+            generator=generator,
+            output_type=output_type,
+            return_losses=return_losses,
+            progress=progress,
+            encode_options={
+                "num_images_per_prompt": num_images_per_prompt,
+                "max_sequence_length": max_sequence_length,
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+            },
+            sizes={"height": height, "width": width},
+            options=options,
+            model_options=self.model_options(guidance_scale),
+        )
+
+    def model_options(self, guidance_scale: float | None) -> dict:
+        """The keyword arguments of :meth:`model` for a call's ``guidance_scale``: none, as
+        SD3's transformer has no distilled guidance (its CFG scale is ``cfg_scale``)."""
+        if guidance_scale is not None:
+            raise ValueError(
+                f"guidance_scale is FLUX-dev's distilled guidance; {type(self).__name__} has "
+                "none: give classifier-free guidance's w as cfg_scale"
+            )
+        return {}
+
 
 class GuidedStableDiffusion3(FlowPipeline):
     """A diffusers ``StableDiffusion3Pipeline`` sampled with guidance.
@@ -510,71 +594,6 @@ class GuidedStableDiffusion3(FlowPipeline):
         patch = self.denoiser.config.patch_size
         tokens = (latents.shape[2] // patch) * (latents.shape[3] // patch)
         return {"mu": self.shift_mu(scheduler, tokens)}
-
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
-        *,
-        loss_fn: Callable | None = None,
-        config: GuidanceConfig | None = None,
-        preset: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int | None = None,
-        output_type: str = "pil",
-        return_losses: bool = False,
-        progress: bool = True,
-        **options,
-    ):
-        """Guided text-to-image sampling with Stable Diffusion 3.
-
-        As :class:`sagkit.sd.pipeline.GuidedStableDiffusion` (the configuration, ``loss_fn``,
-        ``generator``, ``latents`` (B, C, h, w), ``output_type``, ``return_losses``), with
-        ``cfg_scale`` defaulting to the pipeline's ``guidance_scale`` (7) and the text as
-        embeddings where wanted: ``prompt_embeds`` (B, L, D) with ``pooled_prompt_embeds``
-        (B, P), ``negative_prompt_embeds`` (1, L, D) with ``negative_pooled_prompt_embeds``
-        (1, P) (see :meth:`FlowPipeline.encode`). height and width are multiples of f·p (f the
-        VAE's factor, p the patch size). ``sampler``: the pipeline's scheduler by default,
-        driven as the pipeline drives it (:meth:`FlowPipeline.configure`); "ddim" is
-        sagkit's uniform grid in t.
-
-        Returns:
-            diffusers' ``StableDiffusion3PipelineOutput`` (``.images``), with
-            ``return_losses`` a pair (output, losses).
-        """
-        embeds = dict(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        )
-        return self.generate(
-            prompt,
-            negative_prompt,
-            loss_fn=loss_fn,
-            config=config,
-            preset=preset,
-            latents=latents,
-            generator=generator,
-            output_type=output_type,
-            return_losses=return_losses,
-            progress=progress,
-            encode_options={
-                "num_images_per_prompt": num_images_per_prompt,
-                "max_sequence_length": max_sequence_length,
-                **embeds,
-            },
-            sizes={"height": height, "width": width},
-            options=options,
-        )
 
 
 class GuidedFlux(FlowPipeline):
@@ -633,71 +652,9 @@ class GuidedFlux(FlowPipeline):
             options["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         return options
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
-        *,
-        loss_fn: Callable | None = None,
-        config: GuidanceConfig | None = None,
-        preset: str | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int | None = None,
-        output_type: str = "pil",
-        return_losses: bool = False,
-        progress: bool = True,
-        **options,
-    ):
-        """Guided text-to-image sampling with FLUX.
-
-        As :meth:`GuidedStableDiffusion3.__call__`, with
-
-        - ``guidance_scale``: the distilled guidance of FLUX-dev's transformer (default the
-          pipeline's, 3.5; ignored by FLUX-schnell's);
-        - ``cfg_scale`` (an option): CFG around the negative prompt (default "") with this w,
-          diffusers' ``true_cfg_scale``; without it, no CFG (one network call a step);
-        - height and width multiples of 2f; ``latents`` unpacked, (B, C, h, w);
-        - the sampler: the pipeline's scheduler by default with ``FluxPipeline``'s σ's and μ
-          (:meth:`timestep_options`).
-
-        Returns:
-            diffusers' ``FluxPipelineOutput`` (``.images``), with ``return_losses`` a pair
-            (output, losses).
-        """
+    def model_options(self, guidance_scale: float | None) -> dict:
+        """FLUX-dev's distilled guidance input: ``guidance_scale``, by default the pipeline's
+        (3.5; FLUX-schnell's transformer ignores it)."""
         if guidance_scale is None:
             guidance_scale = self.pipeline_default("guidance_scale")
-        embeds = dict(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        )
-        return self.generate(
-            prompt,
-            negative_prompt,
-            loss_fn=loss_fn,
-            config=config,
-            preset=preset,
-            latents=latents,
-            generator=generator,
-            output_type=output_type,
-            return_losses=return_losses,
-            progress=progress,
-            encode_options={
-                "num_images_per_prompt": num_images_per_prompt,
-                "max_sequence_length": max_sequence_length,
-                **embeds,
-            },
-            sizes={"height": height, "width": width},
-            options=options,
-            model_options={"guidance_scale": guidance_scale},
-        )
+        return {"guidance_scale": guidance_scale}

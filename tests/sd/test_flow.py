@@ -263,6 +263,8 @@ def test_bad_input_is_refused_naming_the_argument(pipes):
     text, pooled = torch.randn(1, 7, 32), torch.randn(1, 32)
     with pytest.raises(ValueError, match="output_type"):
         sd3("a fox", output_type="jpeg")
+    with pytest.raises(ValueError, match="guidance_scale is FLUX-dev's distilled guidance"):
+        sd3("a fox", guidance_scale=3.5)
     with pytest.raises(ValueError, match="prompt"):
         sd3()
     with pytest.raises(ValueError, match="give prompt_embeds and pooled_prompt_embeds"):
