@@ -261,6 +261,7 @@ def evaluate_guidance(
     batch_size: int = 64,
     out_dir: str | Path | None = None,
     split: str = "evaluation",
+    keep_samples: bool = False,
     progress: bool = False,
     **options,
 ) -> list[dict]:
@@ -296,6 +297,8 @@ def evaluate_guidance(
             a shard, is refused with a ``ValueError`` naming it.
         split: "evaluation" (default) or "tuning": which samples (:data:`SPLITS`,
             :func:`initial_noise`); the tuning's are disjoint from the evaluation's.
+        keep_samples: each row also holds ``"samples"``, its final samples (N, 1, S, S) on
+            the CPU, for scores other than the classifier's (:mod:`sagkit.lab.tuning`).
         progress: progress bars (on rank 0 only).
     Under ``torchrun`` (after :func:`sagkit.lab.distributed.init_distributed`) the shards are
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
@@ -446,6 +449,7 @@ def evaluate_guidance(
                     "fd": quality["fd"],
                     "sec_per_sample": elapsed / num_samples,
                     "per_sample": values,
+                    **({"samples": x.cpu()} if keep_samples else {}),
                 }
             )
     return rows

@@ -28,7 +28,9 @@ seeds are derived under other tags than the evaluation's, so no tuning sample is
 evaluation sample (:data:`sagkit.lab.evaluation.SPLITS`, tested). A round's candidates are
 one call of ``evaluate_guidance`` (as variants), so the sweep runs under its torchrun
 sharding and resumes from its shard files (``out_dir``). The loss alone is the score: it does
-not see sample quality, so the leaderboard reports the Fréchet distance beside it.
+not see sample quality, so the leaderboard reports the Fréchet distance beside it. Another score
+is a ``measure`` of each candidate's row, samples included (``benchmarks/judged_leaderboard.py``:
+an independent judge's accuracy under a realism constraint).
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ def tune_methods(
     seed: int = 0,
     batch_size: int = 64,
     out_dir: str | Path | None = None,
+    measure: Callable[[dict], Mapping[str, float]] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     **options,
@@ -203,16 +206,19 @@ def tune_methods(
     ``num_samples`` samples of the tuning split (``seed``), with the shared configuration of
     the ``options`` (fields of :class:`~sagkit.guidance.config.GuidanceConfig`, e.g.
     ``steps``) over :data:`~sagkit.lab.evaluation.EVALUATION_DEFAULTS`; its score is their
-    mean final loss. ``out_dir`` keeps the shards (resume, torchrun); ``log`` is called with
-    one line per method and task.
+    mean final loss, or ``measure(row)["score"]`` (lower is better) where ``measure`` maps a
+    candidate's row (with its ``"samples"``, ``keep_samples=True``) to ``{"score": ...,
+    other: ...}``: the other numbers go into the candidate's history entry. ``out_dir`` keeps
+    the shards (resume, torchrun); ``log`` is called with one line per method and task.
 
     Returns {task: {label: {"values": {scale: value}, "score": float, "history": [...]}}}.
     """
     tuned: dict[str, dict[str, dict]] = {}
     for task in tasks:
         for tunable in tunables:
+            measured: dict[str, Mapping[str, float]] = {}  # {candidate's label: its measures}
 
-            def score(candidates, task=task, tunable=tunable):
+            def score(candidates, task=task, tunable=tunable, measured=measured):
                 variants = {_candidate_label(tunable, c): tunable.fields(c) for c in candidates}
                 rows = evaluate_guidance(
                     model,
@@ -225,11 +231,15 @@ def tune_methods(
                     batch_size=batch_size,
                     out_dir=out_dir,
                     split="tuning",
+                    keep_samples=measure is not None,
                     progress=progress,
                     **options,
                 )
-                by = {r["method"]: r["loss"] for r in rows}
-                return [by[label] for label in variants]
+                by = {r["method"]: r for r in rows}
+                for label in variants:
+                    row = by[label]
+                    measured[label] = {"score": row["loss"]} if measure is None else measure(row)
+                return [measured[label]["score"] for label in variants]
 
             result = beam_search(
                 score, tunable.start(), budget=budget, beam=beam, grid=grid, refine=refine
@@ -237,11 +247,20 @@ def tune_methods(
             tuned.setdefault(task.name, {})[tunable.label] = {
                 "values": result.best,
                 "score": result.score,
-                "history": [{"values": c, "score": s, "round": r} for c, s, r in result.history],
+                "history": [
+                    {"values": c, "score": s, "round": r}
+                    | {
+                        k: v
+                        for k, v in measured[_candidate_label(tunable, c)].items()
+                        if k != "score"
+                    }
+                    for c, s, r in result.history
+                ],
             }
             if log is not None:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in result.best.items())
-                log(f"{task.name:9s} {tunable.label:14s} {shown}  (loss {result.score:.4g})")
+                what = "loss" if measure is None else "score"
+                log(f"{task.name:9s} {tunable.label:14s} {shown}  ({what} {result.score:.4g})")
     return tuned
 
 
