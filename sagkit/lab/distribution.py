@@ -413,107 +413,126 @@ def run_study(
         )
     tasks = study_tasks(mixture) if tasks is None else list(tasks)
     network = _network(mixture)
+    sizes = {"samples": samples, "batches": batches, "tune_samples": tune_samples}
+    sizes |= {"budget": budget, "beam": beam, "start_factor": start_factor, "seed": seed}
+    tuning = {k: sizes[k] for k in ("budget", "beam", "seed", "start_factor")}
+    tuning |= {"settings": settings, "samples": tune_samples}
+    evaluation = {"settings": settings, "samples": samples, "batches": batches, "seed": seed}
     rows, floors = [], {}
     for task in tasks:
-        exact = task.exact(mixture)
         tunables = methods_for(task, mixture, methods)
-        tuned = {}
-        for tunable in tqdm(
-            tunables, desc=f"tuning {task.name}", disable=not progress, leave=False
-        ):
-            tuned[tunable.label] = tune_method(
-                mixture,
-                task,
-                tunable,
-                settings=settings,
-                samples=tune_samples,
-                budget=budget,
-                beam=beam,
-                seed=seed,
-                start_factor=start_factor,
-            )
-            if log is not None:
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in tuned[tunable.label]["values"].items())
-                edge = tuned[tunable.label]["edge"]
-                log(
-                    f"{task.name:14s} {tunable.label:15s} {shown} "
-                    f"(SW2 {tuned[tunable.label]['score']:.4g})"
-                    + (f" at the edge: {', '.join(edge)}" if edge else "")
-                )
-        distances = {t.label: {d: [] for d in DISTANCES} for t in tunables}
-        calls, seconds = {t.label: 0 for t in tunables}, {t.label: 0.0 for t in tunables}
-        sets = [
-            exact_sets(exact.target, samples, split_seed("exact-evaluation", task.name, r, seed))
-            for r in range(batches)
-        ]
-        bar = tqdm(
-            range(batches), desc=f"evaluating {task.name}", disable=not progress, leave=False
-        )
-        for r in bar:  # every method per batch: the timings interleave
-            for tunable in tunables:
-                run = sample_method(
-                    network,
-                    task.loss,
-                    tunable.fields(tuned[tunable.label]["values"]),
-                    samples,
-                    settings=settings,
-                    seed=split_seed("evaluation", task.name, r, seed),
-                )
-                for name, distance in DISTANCES.items():
-                    options = {"projections": projections} if name == "sliced_w2" else {}
-                    distances[tunable.label][name].append(distance(run.samples, sets[r], **options))
-                calls[tunable.label] = run.calls
-                seconds[tunable.label] += run.seconds
-        floors[task.name] = {
-            name: list(
-                noise_floor(
-                    lambda n, g, exact=exact: exact.target.sample(n, generator=g),
-                    samples,
-                    distance=name,
-                    repeats=batches,
-                    seed=split_seed("floor", task.name, seed),
-                )
-            )
-            for name in DISTANCES
-        }
-        for tunable in tunables:
-            row = {"task": task.name, "method": tunable.label}
-            row |= {
-                "scales": tuned[tunable.label]["values"],
-                "start": tuned[tunable.label]["start"],
-                "edge": bool(tuned[tunable.label]["edge"]),
-                "edge_scales": tuned[tunable.label]["edge"],
-                "tuning_score": tuned[tunable.label]["score"],
-                "tuning_history": tuned[tunable.label]["history"],
-            }
-            for name in DISTANCES:
-                mean, se = mean_and_error(distances[tunable.label][name])
-                row |= {name: mean, f"{name}_se": se}
-            row |= {
-                "calls_per_sample": calls[tunable.label],
-                "sec_per_sample": seconds[tunable.label] / (batches * samples),
-            }
-            rows.append(row)
+        tuned = _tune_task(mixture, task, tunables, tuning, progress=progress, log=log)
+        exact = task.exact(mixture)
+        options = evaluation | {"projections": projections, "progress": progress}
+        measured = _evaluate_task(network, task, tunables, tuned, exact, **options)
+        floors[task.name] = _task_floors(task, samples, batches=batches, seed=seed, mixture=mixture)
+        rows += [_study_row(task, t, tuned[t.label], measured[t.label]) for t in tunables]
         if log is not None:
             log(_task_table(rows, floors, task.name))
-    return {
-        "settings": settings.describe()
-        | {
-            "components": mixture.means.shape[0],
-            "schedule": mixture.schedule.name,
-            "samples": samples,
-            "batches": batches,
-            "tune_samples": tune_samples,
-            "budget": budget,
-            "beam": beam,
-            "start_factor": start_factor,
-            "seed": seed,
-            "projections": projections,
-            "tasks": {t.name: t.description for t in tasks},
-        },
-        "floors": floors,
-        "rows": rows,
+    described = {"components": mixture.means.shape[0], "schedule": mixture.schedule.name}
+    described |= sizes | {"projections": projections}
+    described["tasks"] = {t.name: t.description for t in tasks}
+    return {"settings": settings.describe() | described, "floors": floors, "rows": rows}
+
+
+def _tune_task(mixture, task, tunables, tuning: dict, *, progress: bool, log) -> dict:
+    """{label: :func:`tune_method`'s result} for every method of ``task``, a line each to
+    ``log``; ``tuning`` holds tune_method's options."""
+    tuned = {}
+    for tunable in tqdm(tunables, desc=f"tuning {task.name}", disable=not progress, leave=False):
+        tuned[tunable.label] = tune_method(mixture, task, tunable, **tuning)
+        if log is not None:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in tuned[tunable.label]["values"].items())
+            edge = tuned[tunable.label]["edge"]
+            log(
+                f"{task.name:14s} {tunable.label:15s} {shown} "
+                f"(SW2 {tuned[tunable.label]['score']:.4g})"
+                + (f" at the edge: {', '.join(edge)}" if edge else "")
+            )
+    return tuned
+
+
+def _evaluate_task(
+    network,
+    task,
+    tunables,
+    tuned,
+    exact,
+    *,
+    settings,
+    samples,
+    batches,
+    seed,
+    projections,
+    progress,
+) -> dict:
+    """{label: {"distances": {name: [per batch]}, "calls", "seconds"}}: every tuned method on
+    ``batches`` evaluation batches, each against its own exact set; every method per batch,
+    so the timings interleave."""
+    measured = {
+        t.label: {"distances": {d: [] for d in DISTANCES}, "calls": 0, "seconds": 0.0}
+        for t in tunables
     }
+    sets = [
+        exact_sets(exact.target, samples, split_seed("exact-evaluation", task.name, r, seed))
+        for r in range(batches)
+    ]
+    bar = tqdm(range(batches), desc=f"evaluating {task.name}", disable=not progress, leave=False)
+    for r in bar:
+        for tunable in tunables:
+            run = sample_method(
+                network,
+                task.loss,
+                tunable.fields(tuned[tunable.label]["values"]),
+                samples,
+                settings=settings,
+                seed=split_seed("evaluation", task.name, r, seed),
+            )
+            out = measured[tunable.label]
+            for name, distance in DISTANCES.items():
+                options = {"projections": projections} if name == "sliced_w2" else {}
+                out["distances"][name].append(distance(run.samples, sets[r], **options))
+            out["calls"] = run.calls
+            out["seconds"] += run.seconds
+    for out in measured.values():
+        out["seconds"] /= batches * samples
+    return measured
+
+
+def _task_floors(task, samples: int, *, batches: int, seed: int, mixture) -> dict:
+    """{distance: [mean, se]}: the noise floor of ``task`` at the evaluation's size."""
+    exact = task.exact(mixture)
+    return {
+        name: list(
+            noise_floor(
+                lambda n, g: exact.target.sample(n, generator=g),
+                samples,
+                distance=name,
+                repeats=batches,
+                seed=split_seed("floor", task.name, seed),
+            )
+        )
+        for name in DISTANCES
+    }
+
+
+def _study_row(task, tunable, tuned: dict, measured: dict) -> dict:
+    """One row of :func:`run_study`: the tuned values, the search's record, the distances
+    (mean and s.e. over the batches) and the costs."""
+    row = {
+        "task": task.name,
+        "method": tunable.label,
+        "scales": tuned["values"],
+        "start": tuned["start"],
+        "edge": bool(tuned["edge"]),
+        "edge_scales": tuned["edge"],
+        "tuning_score": tuned["score"],
+        "tuning_history": tuned["history"],
+    }
+    for name in DISTANCES:
+        mean, se = mean_and_error(measured["distances"][name])
+        row |= {name: mean, f"{name}_se": se}
+    return row | {"calls_per_sample": measured["calls"], "sec_per_sample": measured["seconds"]}
 
 
 def _task_table(rows, floors, task) -> str:
