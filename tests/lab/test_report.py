@@ -14,12 +14,13 @@ def test_fast_report_writes_markdown_with_every_figure(tmp_path):
     assert main(["report", "--fast", "--out", str(tmp_path), "--device", "cpu"]) == 0
     text = (tmp_path / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) == 5
+    assert len(images) == 6
     assert all(f"*({name}:" in text for name in SECTIONS)
     for name in images:
         png = tmp_path / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| t | n=1 | n=2 | n=4 | n=8 |" in text and "slope" in text
+    assert "## Guidance against ground truth" in text
 
 
 def test_report_rejects_unknown_sections(tmp_path):
