@@ -26,8 +26,9 @@ in the rotated coordinates z = Uᵀx (docs/maths.md §14.3). :class:`ExactGuidan
 with a loss and gives h_t, its shift of the network's prediction in any frame, and
 log E[e^{−L} | x_t].
 
-Everything here is computed in float64 (the mixtures are ground truth): inputs of another
-dtype are converted, and results returned in the input's dtype.
+The mixtures compute in float64 (they are ground truth): inputs of another dtype are
+converted, and results returned in the input's dtype; their samples are float64. The losses
+evaluate in their input's dtype, as the guidance methods differentiate them.
 """
 
 from __future__ import annotations
