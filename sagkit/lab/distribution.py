@@ -35,6 +35,10 @@ sets of the same size) (docs/maths.md §14.7):
 - Convergence: a row's ``edge`` names the scales whose chosen value is the smallest or the
   largest value of that scale tried (:func:`at_edge`): there the search may not have reached
   the optimum, which may lie further out.
+- Reference rows (:func:`smc_rows`): twisted SMC (:func:`~sagkit.guidance.smc.sample_smc`)
+  with a method's tuned step as the proposal and the exact twisting function, one draw per
+  run of N particles: asymptotically exact in N, so a reference line, not a heuristic; their
+  rows carry ``"reference": True`` and stay out of :func:`frontier`.
 - Timing: within a task the evaluation runs batch by batch, every method per batch, so the
   methods' seconds are interleaved in time and share the machine's load as measured.
 """
@@ -58,6 +62,7 @@ from ..digits.data import digit_images, digits_mixture
 from ..guidance.family import LGD, MPGD, TFG, UGD
 from ..guidance.oracle import Oracle
 from ..guidance.sampler import guided_sample
+from ..guidance.smc import ExactTwist, sample_smc
 from .distances import DISTANCES, mean_and_error, noise_floor
 from .profiling import CountingModel
 from .tuning import Tunable, beam_search
@@ -82,6 +87,11 @@ __all__ = [
     "tune_method",
     "run_study",
     "quick_study",
+    "SMC_PARTICLES",
+    "SMC_FALLBACK_SCALE",
+    "SMC_COLLAPSE_ESS",
+    "smc_label",
+    "smc_rows",
     "frontier",
     "plot_distances",
     "plot_frontier",
@@ -589,6 +599,123 @@ def quick_study(schedule: str = "vp", **sizes) -> dict:
     )
 
 
+SMC_PARTICLES: tuple[int, ...] = (4, 16)
+"""The particle counts N of :func:`smc_rows`."""
+
+SMC_FALLBACK_SCALE: float = 0.2
+"""The proposal's scale c when the tuned one collapses the particle weights (:func:`smc_rows`)."""
+
+SMC_COLLAPSE_ESS: float = 1.5
+"""A proposal collapses when its mean effective sample size (over steps and runs, before
+resampling) is below this many particles: the weights sit on about one particle throughout."""
+
+
+def smc_label(n: int, proposal: str = "freedom") -> str:
+    """The method label of :func:`smc_rows`' row with n particles, e.g.
+    "smc N=4 (freedom, exact twist)"."""
+    return f"smc N={n} ({proposal}, exact twist)"
+
+
+def smc_rows(
+    mixture,
+    settings: StudySettings,
+    study: Mapping,
+    *,
+    tasks: Sequence[str] | None = None,
+    particles: Sequence[int] = SMC_PARTICLES,
+    proposal: str = "freedom",
+    fallback: float = SMC_FALLBACK_SCALE,
+    progress: bool = False,
+) -> list[dict]:
+    """Reference rows for a stored ``study`` (:func:`run_study`'s dict, on ``mixture`` and
+    ``settings``): twisted SMC (docs/maths.md §14.7, §14.8) with ``proposal``'s step at the
+    scale c it was tuned to on each task (its row of ``study``), the exact twisting function
+    (:class:`~sagkit.guidance.smc.ExactTwist`) and N of ``particles`` per run, one draw per run:
+
+        w = p(x_s | x_t) φ_s(x_s) / (q_c(x_s | x_t) φ_t(x_t)),   φ_t = E[e^{−L(x_0)} | x_t],
+
+    on the study's evaluation batches (same sizes, sampler seeds and exact sets, so the
+    distances and their standard errors compare with the other rows'). A task whose proposal
+    collapses at the tuned c (a mean ESS below :data:`SMC_COLLAPSE_ESS` at some N on the first
+    batch) runs at c = ``fallback``; ``proposal_scale`` and ``proposal_scale_source`` record which. Calls per
+    sample: N × the proposal's calls (the exact twisting makes none). Rows of
+    :func:`run_study`'s keys with ``"reference": True``, ``particles`` and the weights'
+    ``ess_mean``, ``final_ess`` and ``resampling_rate`` (means over the batches)."""
+    st = study["settings"]
+    names = list(st["tasks"]) if tasks is None else list(tasks)
+    size = {k: st[k] for k in ("samples", "batches", "seed", "projections")}
+    network, rows = _network(mixture), []
+    for task in study_tasks(mixture, names=names):
+        tuned = [r for r in study["rows"] if r["task"] == task.name and r["method"] == proposal]
+        if len(tuned) != 1:
+            raise ValueError(f"the study has no row of {proposal!r} on {task.name!r}")
+        scale, source = tuned[0]["scales"]["scale"], "tuned"
+        size["progress"] = progress
+        check = _smc_task(
+            network, task, mixture, settings, particles, proposal, scale, size | {"batches": 1}
+        )
+        tuned_ess = min(m["ess_mean"] for m in check.values())
+        if tuned_ess < SMC_COLLAPSE_ESS:
+            scale, source = fallback, f"fallback (tuned c = {scale:.4g}: mean ESS {tuned_ess:.3g})"
+        measured = _smc_task(network, task, mixture, settings, particles, proposal, scale, size)
+        for n in particles:
+            row = _study_row(
+                task, Tunable(smc_label(n, proposal), proposal, ()), _UNTUNED, measured[n]
+            )
+            rows.append(
+                row
+                | {"reference": True, "particles": n, "twist": "exact"}
+                | {"proposal": proposal, "proposal_scale": scale}
+                | {"proposal_scale_source": source}
+                | {k: measured[n][k] for k in ("ess_mean", "final_ess", "resampling_rate")}
+            )
+    return rows
+
+
+_UNTUNED = {"values": {}, "start": {}, "edge": [], "score": math.nan, "history": []}
+
+
+def _smc_task(network, task, mixture, settings, particles, proposal, scale, size) -> dict:
+    """{N: {"distances", "calls", "seconds", "ess_mean", "final_ess", "resampling_rate"}}:
+    twisted SMC on ``task``'s evaluation batches (``size``: samples, batches, seed,
+    projections, progress), every N per batch, x_T and the kernels' noise from the batch's evaluation
+    seed, each batch against the study's exact set. (docs/maths.md §14.7)"""
+    exact = task.exact(mixture)
+    samples, batches, seed = size["samples"], size["batches"], size["seed"]
+    stats = ("ess_mean", "final_ess", "resampling_rate")
+    out = {
+        n: {"distances": {d: [] for d in DISTANCES}, "seconds": 0.0} | dict.fromkeys(stats, 0.0)
+        for n in particles
+    }
+    for r in tqdm(range(batches), desc=f"smc {task.name}", disable=not size["progress"]):
+        reference = exact_sets(
+            exact.target, samples, split_seed("exact-evaluation", task.name, r, seed)
+        )
+        for n in particles:
+            generator = torch.Generator().manual_seed(split_seed("evaluation", task.name, r, seed))
+            x_T = torch.randn(
+                (samples, n, *network.event_shape), generator=generator, dtype=torch.float64
+            )
+            counting = CountingModel(network)
+            start = time.perf_counter()
+            result = sample_smc(
+                counting, task.loss, x_T, twist=ExactTwist(exact), guidance=proposal,
+                steps=settings.steps, sampler=settings.sampler, window=tuple(settings.window),
+                scale=scale, generator=generator, progress=False,
+            )  # fmt: skip
+            draws = result.draw(generator=generator)
+            m = out[n]
+            m["seconds"] += (time.perf_counter() - start) / (batches * samples)
+            m["calls"] = n * counting.calls
+            for name, distance in DISTANCES.items():
+                options = {"projections": size["projections"]} if name == "sliced_w2" else {}
+                m["distances"][name].append(distance(draws, reference, **options))
+            m["ess_mean"] += float(result.ess[:-1].mean()) / batches
+            m["final_ess"] += float(result.ess[-1].mean()) / batches
+            m["resampling_rate"] += float(result.resampled.double().mean()) / batches
+    return out
+
+
 def frontier(
     study: Mapping,
     task: str,
@@ -597,8 +724,9 @@ def frontier(
     cost: str = "calls_per_sample",
     without: Sequence[str] = ("oracle",),
 ) -> list[dict]:
-    """The quality–cost frontier of ``task``: the rows (but the methods ``without``; default
-    the oracle, which is ground truth, not a method) not dominated in (``cost``, ``distance``):
+    """The quality–cost frontier of ``task``: the rows (but the methods ``without``, default
+    the oracle, which is ground truth, not a method, and the reference rows of :func:`smc_rows`,
+    ``"reference": True``, exact in the limit) not dominated in (``cost``, ``distance``):
     no other row at most as costly and at most as far, one of them strictly. Sorted by cost,
     each {"method", cost, distance, distance + "_se"}. (docs/maths.md §14.7)"""
     if distance not in DISTANCES:
@@ -606,9 +734,9 @@ def frontier(
     if cost not in ("calls_per_sample", "sec_per_sample"):
         raise ValueError(f"cost must be 'calls_per_sample' or 'sec_per_sample', got {cost!r}")
     rows = [r for r in study["rows"] if r["task"] == task and r["method"] not in without]
-    if not rows:
+    if not any(r["task"] == task for r in study["rows"]):
         raise ValueError(f"the study has no task {task!r}")
-    kept = []
+    rows, kept = [r for r in rows if not r.get("reference")], []
     for r in rows:
         dominated = any(
             o[cost] <= r[cost]
@@ -637,22 +765,27 @@ def _floor_band(ax, floor, *, horizontal: bool = True) -> None:
 
 def plot_distances(study: Mapping, *, distance: str = "sliced_w2"):
     """One panel per task: each method's tuned ``distance`` to exact samples (± 2 s.e. over
-    the evaluation batches) on a log axis, with the noise floor's band (docs/maths.md §14.7)."""
+    the evaluation batches) on a log axis, with the noise floor's band; the reference rows
+    (:func:`smc_rows`) as red diamonds after the methods (docs/maths.md §14.7)."""
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {list(DISTANCES)}, got {distance!r}")
     tasks = list(study["floors"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         rows = [r for r in study["rows"] if r["task"] == task]
+        rows = [r for r in rows if not r.get("reference")] + [r for r in rows if r.get("reference")]
         x = range(len(rows))
-        ax.errorbar(
-            x,
-            [r[distance] for r in rows],
-            yerr=[2 * r[f"{distance}_se"] for r in rows],
-            fmt="o",
-            capsize=3,
-            label="method ± 2 s.e.",
-        )
+        for reference, style in ((False, {"fmt": "o"}), (True, _REFERENCE_STYLE)):
+            shown = [(i, r) for i, r in enumerate(rows) if bool(r.get("reference")) == reference]
+            if shown:
+                ax.errorbar(
+                    [i for i, _ in shown],
+                    [r[distance] for _, r in shown],
+                    yerr=[2 * r[f"{distance}_se"] for _, r in shown],
+                    capsize=3,
+                    label="reference (SMC) ± 2 s.e." if reference else "method ± 2 s.e.",
+                    **style,
+                )
         _floor_band(ax, study["floors"][task][distance])
         ax.set_xticks(list(x), [r["method"] for r in rows], rotation=60, ha="right", fontsize=8)
         ax.set_yscale("log")
@@ -663,6 +796,8 @@ def plot_distances(study: Mapping, *, distance: str = "sliced_w2"):
     return fig
 
 
+_REFERENCE_STYLE = {"fmt": "D", "color": "tab:red", "mfc": "none", "ms": 7}
+"""How the reference rows (:func:`smc_rows`) are drawn: open red diamonds."""
 _NAMES = {"sliced_w2": "sliced W2", "energy": "energy distance"}
 _COSTS = {"calls_per_sample": "network calls per sample", "sec_per_sample": "seconds per sample"}
 
@@ -670,7 +805,9 @@ _COSTS = {"calls_per_sample": "network calls per sample", "sec_per_sample": "sec
 def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
     """Distance against cost, a row of two panels per task (network calls per sample, and
     seconds per sample as measured), log axes: each method a point (± 2 s.e.), the frontier of
-    :func:`frontier` a line, the noise floor a band, the oracle a star (docs/maths.md §14.7)."""
+    :func:`frontier` a line, the noise floor a band, the oracle a star, the reference rows
+    (:func:`smc_rows`) open red diamonds joined by a dotted "reference (SMC)" line
+    (docs/maths.md §14.7)."""
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {list(DISTANCES)}, got {distance!r}")
     tasks = list(study["floors"])
@@ -681,6 +818,10 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
         for ax, cost in zip(axes[i], _COSTS, strict=True):
             for j, r in enumerate(rows):
                 oracle = r["method"] == "oracle"
+                if r.get("reference"):
+                    ax.errorbar([r[cost]], [r[distance]], yerr=[2 * r[f"{distance}_se"]],
+                                capsize=2, label=r["method"], **_REFERENCE_STYLE)  # fmt: skip
+                    continue
                 ax.errorbar(
                     [r[cost]],
                     [r[distance]],
@@ -701,6 +842,10 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
                 drawstyle="steps-post",
                 label="frontier",
             )
+            refs = sorted((r for r in rows if r.get("reference")), key=lambda r: r[cost])
+            if refs:
+                ax.plot([r[cost] for r in refs], [r[distance] for r in refs], ":",
+                        color="tab:red", lw=1, label="reference (SMC)")  # fmt: skip
             _floor_band(ax, study["floors"][task][distance])
             ax.set_xscale("log")
             ax.set_yscale("log")

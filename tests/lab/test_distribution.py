@@ -149,6 +149,13 @@ def toy_study():
     return {"floors": floors, "rows": rows}
 
 
+def with_reference(study):
+    """``study`` with an SMC reference row per task, nearer and cheaper than every method."""
+    rows = [r | {"method": "smc", "reference": True, "sliced_w2": 0.01, "calls_per_sample": 1}
+            for r in study["rows"] if r["method"] == "oracle"]  # fmt: skip
+    return study | {"rows": study["rows"] + rows}
+
+
 def test_the_frontier_keeps_the_undominated_methods_in_order_of_cost():
     study = toy_study()
     line = dist.frontier(study, "a")
@@ -158,6 +165,8 @@ def test_the_frontier_keeps_the_undominated_methods_in_order_of_cost():
     assert [p["method"] for p in with_oracle] == ["oracle"]
     timed = dist.frontier(study, "a", cost="sec_per_sample")
     assert [p["method"] for p in timed] == ["unguided", "freedom", "sag n=2"]
+    # a reference row (SMC) would dominate everything, and is left out like the oracle
+    assert dist.frontier(with_reference(study), "a") == line
 
 
 def test_the_figures_draw_a_panel_per_task_and_a_point_per_method():
@@ -175,6 +184,14 @@ def test_the_figures_draw_a_panel_per_task_and_a_point_per_method():
         assert ax.get_xscale() == "log" and ax.get_xlabel()
         frontier_lines = [line for line in ax.lines if line.get_label() == "frontier"]
         assert len(frontier_lines) == 1 and len(frontier_lines[0].get_xdata()) == 2 + i % 2
+    # the reference rows: a second series in the distances, and their own line in the frontier
+    study = with_reference(study)
+    for ax in dist.plot_distances(study).axes:
+        assert [len(c.lines[0].get_xdata()) for c in ax.containers] == [5, 1]
+    for ax in dist.plot_frontier(study).axes:
+        assert len(ax.containers) == 6
+        labels = [line.get_label() for line in ax.lines]
+        assert labels.count("reference (SMC)") == 1 and labels.count("frontier") == 1
 
 
 def test_the_toy_benchmark(tmp_path):
@@ -203,6 +220,26 @@ def test_the_toy_benchmark(tmp_path):
     assert "noise floor" in out.with_suffix(".md").read_text()
     for kind in ("distances", "frontier"):
         assert (tmp_path / f"d_vp_{kind}.png").stat().st_size > 0
+    # --add-smc: the SMC reference rows appended, the stored rows kept as they were
+    argv = ["--fast", "--quiet", "--add-smc", "--particles", "2", "3", "--json", str(out)]
+    added = module.main(argv)["studies"]["vp"]
+    same = json.dumps  # NaN (the tuning score of a method without scales) is no NaN's equal
+    assert same(json.loads(out.read_text())["studies"]["vp"]) == same(added)
+    assert same(added["rows"][: len(rows)]) == same(rows)
+    assert added["floors"] == stored["studies"]["vp"]["floors"]
+    smc = added["rows"][len(rows) :]
+    assert [r["method"] for r in smc] == [dist.smc_label(2), dist.smc_label(3)]
+    freedom = next(r for r in rows if r["method"] == "freedom")
+    for r in smc:
+        assert r["reference"] and r["task"] == "inpaint-broad" and r["scales"] == {}
+        assert r["proposal_scale"] in (freedom["scales"]["scale"], dist.SMC_FALLBACK_SCALE)
+        assert r["calls_per_sample"] == r["particles"] * freedom["calls_per_sample"]
+        assert r["sliced_w2"] > 0 and r["sliced_w2_se"] > 0 and r["sec_per_sample"] > 0
+        assert 1 <= r["ess_mean"] <= r["particles"]
+    for cost in ("calls_per_sample", "sec_per_sample"):
+        line = dist.frontier(added, "inpaint-broad", cost=cost)
+        assert line and not {p["method"] for p in line} & {r["method"] for r in smc}
+    assert "(reference)" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize(
