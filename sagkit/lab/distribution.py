@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter
 from tqdm.auto import tqdm
 
 from ..core.schedules import FlowSchedule, VPSchedule
@@ -813,24 +814,28 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
     tasks = list(study["floors"])
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), squeeze=False)
     cmap = plt.get_cmap("tab20")
+    methods = list(dict.fromkeys(r["method"] for r in study["rows"]))  # one colour per method
     for i, task in enumerate(tasks):
         rows = [r for r in study["rows"] if r["task"] == task]
         for ax, cost in zip(axes[i], _COSTS, strict=True):
-            for j, r in enumerate(rows):
-                oracle = r["method"] == "oracle"
-                if r.get("reference"):
-                    ax.errorbar([r[cost]], [r[distance]], yerr=[2 * r[f"{distance}_se"]],
-                                capsize=2, label=r["method"], **_REFERENCE_STYLE)  # fmt: skip
-                    continue
+            for r in rows:
+                j, oracle = methods.index(r["method"]), r["method"] == "oracle"
+                style = (
+                    _REFERENCE_STYLE
+                    if r.get("reference")
+                    else {
+                        "fmt": "*" if oracle else "o",
+                        "ms": 10 if oracle else 5,
+                        "color": "k" if oracle else cmap((2 * j + j // 10) % 20),
+                    }
+                )
                 ax.errorbar(
                     [r[cost]],
                     [r[distance]],
                     yerr=[2 * r[f"{distance}_se"]],
-                    fmt="*" if oracle else "o",
-                    ms=10 if oracle else 5,
-                    color="k" if oracle else cmap((2 * j + j // 10) % 20),
                     capsize=2,
                     label=r["method"],
+                    **style,
                 )
             line = frontier(study, task, distance=distance, cost=cost)
             ax.plot(
@@ -844,10 +849,17 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
             )
             refs = sorted((r for r in rows if r.get("reference")), key=lambda r: r[cost])
             if refs:
-                ax.plot([r[cost] for r in refs], [r[distance] for r in refs], ":",
-                        color="tab:red", lw=1, label="reference (SMC)")  # fmt: skip
+                ax.plot(
+                    [r[cost] for r in refs],
+                    [r[distance] for r in refs],
+                    ":",
+                    color="tab:red",
+                    lw=1,
+                    label="reference (SMC)",
+                )
             _floor_band(ax, study["floors"][task][distance])
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # 2×10², 3×10², … overlap
             ax.set_yscale("log")
             ax.set_xlabel(_COSTS[cost] + " (log)")
             ax.set_ylabel(f"{_NAMES[distance]} (log)")
