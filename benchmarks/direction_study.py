@@ -151,9 +151,8 @@ def jacobians(args, mixture, reference: torch.Tensor) -> dict:
 
 def scans(args, reference: torch.Tensor) -> dict:
     """Median cosines of n = 1 and n = 8 on τ = 0.3 inpainting (VP) as s and K change."""
-    out = {"times": args.scan_times, "std": {}, "components": {}}
-    for s in args.stds:
-        mixture = sk.digits_mixture(n_components=args.components, std=s)
+
+    def medians(mixture) -> dict:
         loss = inpainting_loss(reference, tau=0.3)
         study = direction_study(
             mixture,
@@ -163,22 +162,16 @@ def scans(args, reference: torch.Tensor) -> dict:
             ns=(1, 8),
             seed=args.seed,
         )
-        out["std"][str(s)] = {m: study["summary"][m]["cosine"]["median"] for m in ("n=1", "n=8")}
-    for k in args.ks:
-        mixture = sk.digits_mixture(n_components=k)
-        loss = inpainting_loss(reference, tau=0.3)
-        study = direction_study(
-            mixture,
-            loss,
-            times=args.scan_times,
-            samples=args.scan_samples,
-            ns=(1, 8),
-            seed=args.seed,
-        )
-        out["components"][str(k)] = {
-            m: study["summary"][m]["cosine"]["median"] for m in ("n=1", "n=8")
-        }
-    return out
+        return {m: study["summary"][m]["cosine"]["median"] for m in ("n=1", "n=8")}
+
+    return {
+        "times": args.scan_times,
+        "std": {
+            str(s): medians(sk.digits_mixture(n_components=args.components, std=s))
+            for s in args.stds
+        },
+        "components": {str(k): medians(sk.digits_mixture(n_components=k)) for k in args.ks},
+    }
 
 
 def fmt(v: float) -> str:

@@ -62,11 +62,9 @@ of its tables beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -74,7 +72,6 @@ import torch
 import sagkit as sk
 from sagkit.digits.evaluation import realism_check
 from sagkit.digits.judge import load_judge
-from sagkit.lab.distributed import close, init_distributed
 from sagkit.lab.evaluation import default_tasks, evaluate_guidance
 from sagkit.lab.tuning import tune_methods, tuned_variants
 
@@ -128,26 +125,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.base_samples < args.tune_samples:
         raise SystemExit("--base-samples must be at least --tune-samples (a superset of them)")
-    ctx = init_distributed(device=args.device)
-    say = (lambda *a: None) if args.quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
-    start = time.perf_counter()
-    result = judged(args, ctx, say)
-    result["settings"] |= {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "version": sk.__version__,
-        "threads": torch.get_num_threads(),
-        "ranks": ctx.world_size,
-        "device": args.device,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "note": args.note,
-    }
-    if ctx.is_main:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(markdown(result))
-        say(markdown(result))
-    close()
-    return result
+    return leaderboard.run(args, judged, markdown)
 
 
 def judged(args, ctx, say) -> dict:

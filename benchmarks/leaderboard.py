@@ -106,10 +106,17 @@ def chosen(args) -> list[Tunable]:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    return run(args, tiny_sd if args.tiny_sd else digits, markdown)
+
+
+def run(args, body, render) -> dict:
+    """``body(args, ctx, say)`` under torchrun or alone, its settings stamped with the date,
+    version, threads, ranks, device, wall time and ``--note``; written on rank 0 to
+    ``args.json`` with ``render(result)`` as the Markdown beside it."""
     ctx = init_distributed(device=args.device)
     say = (lambda *a: None) if args.quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
     start = time.perf_counter()
-    result = (tiny_sd if args.tiny_sd else digits)(args, ctx, say)
+    result = body(args, ctx, say)
     result["settings"] |= {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "version": sk.__version__,
@@ -122,8 +129,8 @@ def main(argv=None) -> dict:
     if ctx.is_main:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(markdown(result))
-        say(markdown(result))
+        args.json.with_suffix(".md").write_text(render(result))
+        say(render(result))
     close()
     return result
 

@@ -23,7 +23,9 @@ built here stays far below that.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -366,3 +368,12 @@ PROMPTS = ["a red fox", "a lighthouse"]
 def seeded(seed: int = 0) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (the scripts are no package), loaded afresh."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -67,7 +67,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.checks import require
+from ..core.checks import check_scale, require
 from ..core.estimates import rms
 from ..core.frames import get_frame, ode_frame, per_sample, velocity_of
 from ..core.registry import Registry
@@ -150,6 +150,30 @@ class GuidanceRun:
     per_batch: bool
     backward_steps: int
     reuse_eps: bool
+
+    @classmethod
+    def from_config(
+        cls, config, model, *, cfg: bool, cfg_scale: float, base, loss_fn, cond
+    ) -> GuidanceRun:
+        """The run of a :class:`~sagkit.guidance.config.GuidanceConfig`: its fields, and its
+        scale or the method's default for ``cfg_scale`` (w, under CFG only)."""
+        scale = config.scale
+        if scale is None:
+            scale = config.method.default_scale(cfg_scale if cfg else None)
+        return cls(
+            model=model,
+            cfg=cfg,
+            base=base,
+            loss_fn=loss_fn,
+            cond=cond,
+            n=config.n,
+            estimate_grid=config.estimate_grid,
+            engine=config.engine,
+            scale=check_scale(scale, "scale"),
+            per_batch=config.per_batch,
+            backward_steps=config.backward_steps,
+            reuse_eps=config.reuse_eps,
+        )
 
     @property
     def schedule(self):

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from ..core.checks import (
     check_cond,
     check_inputs,
-    check_scale,
     deferred_checks,
     labelled,
     require,
@@ -172,22 +171,8 @@ def run_guided(
     cfg_scale = 1.0 if config.cfg_scale is None else config.cfg_scale
     if cfg:
         model = ClassifierFreeGuidance(model, null_cond_of(model).to(x_T), cfg_scale)
-    scale = config.scale
-    if scale is None:
-        scale = method.default_scale(cfg_scale if cfg else None)
-    run = GuidanceRun(
-        model=model,
-        cfg=cfg,
-        base=base,
-        loss_fn=loss_fn,
-        cond=cond,
-        n=config.n,
-        estimate_grid=config.estimate_grid,
-        engine=config.engine,
-        scale=check_scale(scale, "scale"),
-        per_batch=config.per_batch,
-        backward_steps=config.backward_steps,
-        reuse_eps=config.reuse_eps,
+    run = GuidanceRun.from_config(
+        config, model, cfg=cfg, cfg_scale=cfg_scale, base=base, loss_fn=loss_fn, cond=cond
     )
     unguided, schedule, times = Unguided(), model.schedule, base.times
     x = base.start(x_T)

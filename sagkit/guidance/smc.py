@@ -301,26 +301,6 @@ def _particle_cond(model, x_T):
     )
 
 
-def _guidance_run(model, loss_fn, config, *, base, cond) -> GuidanceRun:
-    """The proposal's :class:`~sagkit.guidance.methods.GuidanceRun`: the config's fields, its
-    scale (or the method's default), no CFG, and the network's ε reused by the method."""
-    scale = config.scale if config.scale is not None else config.method.default_scale(None)
-    return GuidanceRun(
-        model=model,
-        cfg=False,
-        base=base,
-        loss_fn=loss_fn,
-        cond=cond,
-        n=config.n,
-        estimate_grid=config.estimate_grid,
-        engine=config.engine,
-        scale=check_scale(scale, "scale"),
-        per_batch=config.per_batch,
-        backward_steps=config.backward_steps,
-        reuse_eps=True,
-    )
-
-
 def _run_smc(
     model, loss_fn, x_T, twist, config, *, base, cond, ess_threshold, generator, progress
 ) -> SMCResult:
@@ -329,7 +309,9 @@ def _run_smc(
     moves the particles by the proposal (:func:`_propose`) and reweights them by
     p/q · φ_s/φ_t (:func:`_log_twist` for φ_s). (docs/maths.md §14.8)"""
     method, guided = config.method, config.guided_steps()
-    run = _guidance_run(model, loss_fn, config, base=base, cond=cond)
+    run = GuidanceRun.from_config(  # the proposal, without CFG
+        config, model, cfg=False, cfg_scale=1.0, base=base, loss_fn=loss_fn, cond=cond
+    )
     rows, n, shape = x_T.shape[0], x_T.shape[1], x_T.shape[2:]
     times, schedule, unguided = base.times, model.schedule, Unguided()
     x = base.start(x_T.reshape(rows * n, *shape))

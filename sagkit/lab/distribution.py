@@ -803,6 +803,29 @@ _NAMES = {"sliced_w2": "sliced W2", "energy": "energy distance"}
 _COSTS = {"calls_per_sample": "network calls per sample", "sec_per_sample": "seconds per sample"}
 
 
+def _frontier_point(ax, r: Mapping, cost: str, distance: str, *, colour) -> None:
+    """One row of :func:`plot_frontier`: a method in ``colour``, the oracle a black star, a
+    reference row an open red diamond, each ± 2 s.e."""
+    oracle = r["method"] == "oracle"
+    style = (
+        _REFERENCE_STYLE
+        if r.get("reference")
+        else {
+            "fmt": "*" if oracle else "o",
+            "ms": 10 if oracle else 5,
+            "color": "k" if oracle else colour,
+        }
+    )
+    ax.errorbar(
+        [r[cost]],
+        [r[distance]],
+        yerr=[2 * r[f"{distance}_se"]],
+        capsize=2,
+        label=r["method"],
+        **style,
+    )
+
+
 def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
     """Distance against cost, a row of two panels per task (network calls per sample, and
     seconds per sample as measured), log axes: each method a point (± 2 s.e.), the frontier of
@@ -815,28 +838,16 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     methods = list(dict.fromkeys(r["method"] for r in study["rows"]))  # one colour per method
+
+    def cmap_index(method):
+        j = methods.index(method)
+        return cmap((2 * j + j // 10) % 20)
+
     for i, task in enumerate(tasks):
         rows = [r for r in study["rows"] if r["task"] == task]
         for ax, cost in zip(axes[i], _COSTS, strict=True):
             for r in rows:
-                j, oracle = methods.index(r["method"]), r["method"] == "oracle"
-                style = (
-                    _REFERENCE_STYLE
-                    if r.get("reference")
-                    else {
-                        "fmt": "*" if oracle else "o",
-                        "ms": 10 if oracle else 5,
-                        "color": "k" if oracle else cmap((2 * j + j // 10) % 20),
-                    }
-                )
-                ax.errorbar(
-                    [r[cost]],
-                    [r[distance]],
-                    yerr=[2 * r[f"{distance}_se"]],
-                    capsize=2,
-                    label=r["method"],
-                    **style,
-                )
+                _frontier_point(ax, r, cost, distance, colour=cmap_index(r["method"]))
             line = frontier(study, task, distance=distance, cost=cost)
             ax.plot(
                 [p[cost] for p in line],

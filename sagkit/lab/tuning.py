@@ -36,6 +36,7 @@ an independent judge's accuracy under a realism constraint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -206,62 +207,68 @@ def tune_methods(
     ``num_samples`` samples of the tuning split (``seed``), with the shared configuration of
     the ``options`` (fields of :class:`~sagkit.guidance.config.GuidanceConfig`, e.g.
     ``steps``) over :data:`~sagkit.lab.evaluation.EVALUATION_DEFAULTS`; its score is their
-    mean final loss, or ``measure(row)["score"]`` (lower is better) where ``measure`` maps a
-    candidate's row (with its ``"samples"``, ``keep_samples=True``) to ``{"score": ...,
-    other: ...}``: the other numbers go into the candidate's history entry. ``out_dir`` keeps
+    mean final loss, or a ``measure`` of its row (:func:`_score_round`). ``out_dir`` keeps
     the shards (resume, torchrun); ``log`` is called with one line per method and task.
 
     Returns {task: {label: {"values": {scale: value}, "score": float, "history": [...]}}}.
     """
+    evaluate = functools.partial(
+        evaluate_guidance,
+        model,
+        classifier,
+        methods=(),
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        out_dir=out_dir,
+        split="tuning",
+        keep_samples=measure is not None,
+        progress=progress,
+        **options,
+    )
     tuned: dict[str, dict[str, dict]] = {}
     for task in tasks:
         for tunable in tunables:
             measured: dict[str, Mapping[str, float]] = {}  # {candidate's label: its measures}
-
-            def score(candidates, task=task, tunable=tunable, measured=measured):
-                variants = {_candidate_label(tunable, c): tunable.fields(c) for c in candidates}
-                rows = evaluate_guidance(
-                    model,
-                    classifier,
-                    tasks=[task],
-                    methods=(),
-                    variants=variants,
-                    num_samples=num_samples,
-                    seed=seed,
-                    batch_size=batch_size,
-                    out_dir=out_dir,
-                    split="tuning",
-                    keep_samples=measure is not None,
-                    progress=progress,
-                    **options,
-                )
-                by = {r["method"]: r for r in rows}
-                for label in variants:
-                    row = by[label]
-                    measured[label] = {"score": row["loss"]} if measure is None else measure(row)
-                return [measured[label]["score"] for label in variants]
-
+            score = functools.partial(
+                _score_round, evaluate, task, tunable, measured=measured, measure=measure
+            )
             result = beam_search(
                 score, tunable.start(), budget=budget, beam=beam, grid=grid, refine=refine
             )
-            tuned.setdefault(task.name, {})[tunable.label] = {
-                "values": result.best,
-                "score": result.score,
-                "history": [
-                    {"values": c, "score": s, "round": r}
-                    | {
-                        k: v
-                        for k, v in measured[_candidate_label(tunable, c)].items()
-                        if k != "score"
-                    }
-                    for c, s, r in result.history
-                ],
-            }
+            tuned.setdefault(task.name, {})[tunable.label] = _tuned_entry(result, measured, tunable)
             if log is not None:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in result.best.items())
                 what = "loss" if measure is None else "score"
                 log(f"{task.name:9s} {tunable.label:14s} {shown}  ({what} {result.score:.4g})")
     return tuned
+
+
+def _score_round(evaluate, task, tunable: Tunable, candidates, *, measured: dict, measure):
+    """The scores of one round's ``candidates`` of ``tunable`` on ``task``, evaluated together
+    as variants (``evaluate``: :func:`~sagkit.lab.evaluation.evaluate_guidance` with the
+    tuning's settings); each candidate's measures are kept in ``measured`` by label. The
+    score is the mean final loss, or ``measure(row)["score"]`` (lower is better) where
+    ``measure`` maps a candidate's row (with its ``"samples"``) to ``{"score": ..., other:
+    ...}``: the other numbers go into the candidate's history entry."""
+    variants = {_candidate_label(tunable, c): tunable.fields(c) for c in candidates}
+    by = {r["method"]: r for r in evaluate(tasks=[task], variants=variants)}
+    measured |= {
+        label: {"score": by[label]["loss"]} if measure is None else measure(by[label])
+        for label in variants
+    }
+    return [measured[label]["score"] for label in variants]
+
+
+def _tuned_entry(result: BeamResult, measured: Mapping[str, Mapping], tunable: Tunable) -> dict:
+    """A method's stored tuning: the best values and score, and every candidate's values,
+    score and round with its other measures (``measured``, by candidate label)."""
+    history = []
+    for values, score, round_ in result.history:
+        extra = measured[_candidate_label(tunable, values)]
+        history.append({"values": values, "score": score, "round": round_})
+        history[-1] |= {k: v for k, v in extra.items() if k != "score"}
+    return {"values": result.best, "score": result.score, "history": history}
 
 
 def _candidate_label(tunable: Tunable, values: Mapping[str, float]) -> str:

@@ -2,14 +2,12 @@
 n = 1 is the one-step estimate, the "sampler" grid with one remaining time too), the study's
 summaries computed from its per-sample values, the figure, and a tiny benchmark run."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import SCHEDULES, unit_roundoff
+from helpers import SCHEDULES, load_benchmark, unit_roundoff
 
 import sagkit as sk
 from sagkit.core.tilted import ExactGuidance, LinearLoss
@@ -28,8 +26,6 @@ from sagkit.lab.direction import (
     summarise,
     x0_moves,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +286,7 @@ def test_plot_directions_draws_a_panel_per_loss_and_schedule(small):
 
 
 def test_benchmark_tiny_run(tmp_path):
-    path = ROOT / "benchmarks" / "direction_study.py"
-    spec = importlib.util.spec_from_file_location("direction_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("direction_study")
     result = module.main(["--fast", "--out", str(tmp_path)])
     stored = json.loads((tmp_path / "direction.json").read_text())
     assert len(stored["cases"]) == 12

@@ -3,13 +3,12 @@ unguided sampler does not, the network calls are counted as the methods spend th
 frontier, the figures, and benchmarks/distribution_study.py at a toy size."""
 
 import dataclasses
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import matplotlib
 import pytest
+from helpers import load_benchmark
 
 from sagkit.core.tilted import LinearLoss, TiltedMixture
 from sagkit.guidance.config import GuidanceConfig
@@ -17,7 +16,6 @@ from sagkit.lab import distribution as dist
 from sagkit.lab.distances import mean_and_error, noise_floor, sliced_w2
 
 matplotlib.use("Agg")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +193,7 @@ def test_the_figures_draw_a_panel_per_task_and_a_point_per_method():
 
 
 def test_the_toy_benchmark(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "distribution_study", ROOT / "benchmarks" / "distribution_study.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("distribution_study")
     out = tmp_path / "d.json"
     result = module.main(["--fast", "--quiet", "--schedules", "vp", "--json", str(out)])
     stored = json.loads(out.read_text())

@@ -4,14 +4,13 @@ infeasible at evaluation marked and ranked after the feasible ones, and the pair
 comparisons of SAG against its one-step baseline; the stored results consistent with their
 own rows; and the hooks it uses (``keep_samples``, ``measure``)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import gamma
+from helpers import gamma, load_benchmark
 
 from sagkit.lab.evaluation import default_tasks, evaluate_guidance
 from sagkit.lab.tuning import Tunable, tune_methods
@@ -35,12 +34,7 @@ PAIR_FIELDS = {
 
 @pytest.fixture(scope="module")
 def judged():
-    spec = importlib.util.spec_from_file_location(
-        "judged_leaderboard", ROOT / "benchmarks" / "judged_leaderboard.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("judged_leaderboard")
 
 
 def check_result(judged, result: dict, loss_only: dict) -> None:

@@ -1,26 +1,19 @@
 """benchmarks/leaderboard.py at a toy size: tuned rows, paired differences against the best,
 the stored tuning read back, and the tiny Stable Diffusion wiring check."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 TOY = ["--steps", "2", "--num-samples", "3", "--tune-samples", "2", "--budget", "3",
        "--batch-size", "3", "--memory-batch", "2", "--quiet"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def leaderboard():
-    spec = importlib.util.spec_from_file_location(
-        "leaderboard", ROOT / "benchmarks" / "leaderboard.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("leaderboard")
 
 
 def test_toy_leaderboard(leaderboard, tmp_path, monkeypatch):

@@ -1,14 +1,13 @@
 """benchmarks/smc_study.py and sagkit.lab.smc_study: a tiny run into tmp_path, its rows and
 costs, the figure, and the stored result consistent with its own rows."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import gamma
+from helpers import gamma, load_benchmark
 
 from sagkit.lab.smc_study import heldout_reference, plot_smc
 
@@ -20,10 +19,7 @@ TINY = ["--components", "16", "--steps", "6", "--runs", "6", "--groups", "2",
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("smc_study", ROOT / "benchmarks" / "smc_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("smc_study")
 
 
 def check_result(result: dict) -> None:
