@@ -68,11 +68,20 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the browser test will be skipped"
 
+# The tests run on TEST_WORKERS processes (pytest-xdist; CI has 2 cores, and every test runs
+# on one thread, OMP_NUM_THREADS=1), the notebooks one file per worker: a notebook's cells
+# share its kernel. TEST_WORKERS=0 runs everything in this process.
+# The tests start many Pythons (workers, kernels, command-line runs): each imports torch and
+# diffusers, so their bytecode is cached once, in .venv/pycache, also where the environment
+# sets PYTHONDONTWRITEBYTECODE (which would have every process compile them again).
+TEST_WORKERS ?= 2
+PYCACHE := PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/$(VENV)/pycache
 unit-test: venv browser
-	$(BIN)/pytest -q tests
+	$(PYCACHE) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 notebooks-test: venv
-	SAGKIT_FAST=1 $(BIN)/pytest -q --nbval-lax --nbval-current-env notebooks/
+	$(PYCACHE) SAGKIT_FAST=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --nbval-lax \
+		--nbval-current-env notebooks/
 
 test: lint unit-test notebooks-test
 

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget.py              # 2–6 min on 2 shared cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget.py --rounds 2 --ns 1 3 8
 
-On the shipped digits UNet (``sk.load_pretrained("digits")``, float32) with the shipped
+On the shipped digits UNet (``sk.digits.load_pretrained("digits")``, float32) with the shipped
 classifier's target-class loss of the n-step DDIM estimate x̂0 = Φ_n(x_t) (t = 0.6 to 0):
 
 1. for each n, the gradient engines backprop, checkpoint, symplectic and "budgeted" keeping the
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.guidance import losses
 from sagkit.lab.profiling import CountingModel, profile_gradient
 
@@ -144,8 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=Path("results/budget.json"))
     args = parser.parse_args(argv)
 
-    model = sk.load_pretrained("digits")
-    classifier = sk.load_classifier("digits")
+    model = sk.digits.load_pretrained("digits")
+    classifier = sk.digits.load_classifier("digits")
     loss_fn = losses.target_class(classifier, 3)
     gen = torch.Generator().manual_seed(args.seed)
     size = model.unet.config.sample_size
@@ -194,4 +195,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

@@ -35,6 +35,7 @@ if "--warm-cache" not in sys.argv:
 import torch  # noqa: E402
 
 import sagkit as sk  # noqa: E402
+from sagkit.core.device import apply_cpu_threads
 
 
 def timed(fn, device) -> float:
@@ -48,10 +49,10 @@ def timed(fn, device) -> float:
 def measure(*, device: str = "cpu", steps: int = 50, batch: int = 8, rounds: int = 3) -> dict:
     """The row of the module docstring: compile run, eager and compiled runs, break-even."""
     device = torch.device(device)
-    model = sk.load_pretrained("digits", device=device)
-    loss = sk.losses.target_class(sk.load_classifier("digits", device=device), 3)
+    model = sk.digits.load_pretrained("digits", device=device)
+    loss = sk.losses.target_class(sk.digits.load_classifier("digits", device=device), 3)
     x_T = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
-    compiled = sk.load_pretrained("digits", device=device)  # the same weights, compiled
+    compiled = sk.digits.load_pretrained("digits", device=device)  # the same weights, compiled
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     compiled.unet = torch.compile(compiled.unet, mode=mode)
 
@@ -110,4 +111,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

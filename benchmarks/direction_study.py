@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.core.tilted import ExactGuidance
 from sagkit.lab.direction import (
     direction_study,
@@ -86,7 +87,7 @@ def summary_only(study: dict) -> dict:
 def main_cases(args, reference: torch.Tensor) -> list[dict]:
     cases = []
     for sname, schedule in schedules().items():
-        mixture = sk.digits_mixture(n_components=args.components, schedule=schedule)
+        mixture = sk.digits.digits_mixture(n_components=args.components, schedule=schedule)
         for i, (lname, loss) in enumerate(study_losses(mixture, reference, label=LABEL).items()):
             start = time.perf_counter()
             study = direction_study(
@@ -167,10 +168,10 @@ def scans(args, reference: torch.Tensor) -> dict:
     return {
         "times": args.scan_times,
         "std": {
-            str(s): medians(sk.digits_mixture(n_components=args.components, std=s))
+            str(s): medians(sk.digits.digits_mixture(n_components=args.components, std=s))
             for s in args.stds
         },
-        "components": {str(k): medians(sk.digits_mixture(n_components=k)) for k in args.ks},
+        "components": {str(k): medians(sk.digits.digits_mixture(n_components=k)) for k in args.ks},
     }
 
 
@@ -273,7 +274,7 @@ def main(argv=None) -> dict:
         },
         "cases": cases,
     }
-    mixture = sk.digits_mixture(n_components=args.components)  # VP
+    mixture = sk.digits.digits_mixture(n_components=args.components)  # VP
     result["probe"] = probe(args, mixture, reference)
     result["jacobian"] = jacobians(args, mixture, reference)
     result["scans"] = scans(args, reference)
@@ -289,4 +290,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

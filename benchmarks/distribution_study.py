@@ -1,6 +1,6 @@
 """The distribution study: every guidance method's samples against exact samples of the target.
 
-On the exact digits mixture (``sk.digits_mixture()``, 512 components) and the closed-form
+On the exact digits mixture (``sk.digits.digits_mixture()``, 512 components) and the closed-form
 losses of :mod:`sagkit.core.tilted` (inpainting of the top half of a held-out digit with a
 sharp and a broad posterior, the mixture's own classifier for a label, a linear loss), each
 method's scales are tuned by the beam search of :mod:`sagkit.lab.tuning` to minimise the
@@ -46,6 +46,7 @@ import matplotlib
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.lab.distribution import (
     METHODS,
     START_FACTOR,
@@ -281,4 +282,5 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.lab.bench import bench_table, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +83,12 @@ def _synchronise(device: torch.device) -> None:
 
 def guided_throughput(device: torch.device, size: dict) -> list[dict]:
     """Images per second and CUDA peak memory of guided sampling, per weight dtype and case."""
-    loss = sk.losses.target_class(sk.load_classifier("digits", device=device), 3)
+    loss = sk.losses.target_class(sk.digits.load_classifier("digits", device=device), 3)
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(size["batch"], 1, 16, 16, generator=gen).to(device)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        model = sk.load_pretrained("digits", device=device, dtype=dtype)
+        model = sk.digits.load_pretrained("digits", device=device, dtype=dtype)
 
         def run(guidance, n, model=model):
             return sk.guided_sample(
@@ -248,4 +249,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     sys.exit(main())

@@ -35,8 +35,8 @@ that cannot be read as a shard, stops the run with a ValueError naming it. Only
 rank 0 prints and writes ``--json``; ``--verbose`` logs every rank's computed and loaded shards
 to stderr. ``--device cuda`` puts rank r on GPU r of its machine (NCCL).
 
-Uses the shipped digits UNet and classifier (``sk.load_pretrained("digits")``,
-``sk.load_classifier("digits")``) and :func:`sagkit.evaluation.evaluate_guidance`. With
+Uses the shipped digits UNet and classifier (``sk.digits.load_pretrained("digits")``,
+``sk.digits.load_classifier("digits")``) and :func:`sagkit.evaluation.evaluate_guidance`. With
 ``--json PATH`` the rows (with the per-sample losses) are also written there; keep results in
 the git-ignored ``results/`` folder.
 """
@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.guidance.config import GuidanceConfig
 from sagkit.lab.distributed import close, init_distributed
 from sagkit.lab.evaluation import (
@@ -121,8 +122,8 @@ def main(argv=None) -> None:
         if args.data is None
         else (args.data / "digits-unet", args.data / "digits-classifier")
     )
-    model = sk.load_pretrained("digits", device=ctx.device, path=unet_dir)
-    classifier = sk.load_classifier("digits", device=ctx.device, path=classifier_dir)
+    model = sk.digits.load_pretrained("digits", device=ctx.device, path=unet_dir)
+    classifier = sk.digits.load_classifier("digits", device=ctx.device, path=classifier_dir)
     tasks = default_tasks(classifier, target=args.target)
     if args.tasks:
         tasks = [t for t in tasks if t.name in args.tasks]
@@ -233,4 +234,5 @@ def stored_text(stored: dict) -> str:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

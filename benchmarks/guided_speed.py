@@ -32,9 +32,10 @@ import torch
 import sagkit as sk
 from sagkit.lab.profiling import CountingModel
 
+sk.apply_cpu_threads()
 steps, batch, repeats = (int(a) for a in sys.argv[1:4])
-model = sk.load_pretrained("digits", device="cpu")
-loss = sk.losses.target_class(sk.load_classifier("digits", device="cpu"), 3)
+model = sk.digits.load_pretrained("digits", device="cpu")
+loss = sk.losses.target_class(sk.digits.load_classifier("digits", device="cpu"), 3)
 x_T = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 result = {"sagkit": sk.__file__}
 for guidance, n in json.loads(sys.argv[4]):

@@ -70,6 +70,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.digits.evaluation import realism_check
 from sagkit.digits.judge import load_judge
 from sagkit.lab.evaluation import default_tasks, evaluate_guidance
@@ -130,8 +131,8 @@ def main(argv=None) -> dict:
 
 def judged(args, ctx, say) -> dict:
     """Tune every method for the judge under the realism constraint, evaluate, rank."""
-    model = sk.load_pretrained("digits", device=ctx.device)
-    classifier = sk.load_classifier("digits", device=ctx.device)
+    model = sk.digits.load_pretrained("digits", device=ctx.device)
+    classifier = sk.digits.load_classifier("digits", device=ctx.device)
     judge = load_judge()
     realism = realism_check()
     tasks = [t for t in default_tasks(classifier) if t.name in args.tasks]
@@ -433,4 +434,5 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

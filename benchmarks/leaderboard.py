@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.guidance.family import LGD, MPGD, TFG, UGD
 from sagkit.lab.distributed import close, init_distributed
 from sagkit.lab.evaluation import default_tasks, evaluate_guidance, paired_comparison
@@ -137,8 +138,8 @@ def run(args, body, render) -> dict:
 
 def digits(args, ctx, say) -> dict:
     """Tune (or read the stored tuning), evaluate, measure memory; the leaderboard's dict."""
-    model = sk.load_pretrained("digits", device=ctx.device)
-    classifier = sk.load_classifier("digits", device=ctx.device)
+    model = sk.digits.load_pretrained("digits", device=ctx.device)
+    classifier = sk.digits.load_classifier("digits", device=ctx.device)
     tasks = [t for t in default_tasks(classifier) if t.name in args.tasks]
     tunables = chosen(args)
     shared = {"steps": args.steps, "window": tuple(args.window), "repeats": args.repeats}
@@ -368,4 +369,5 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

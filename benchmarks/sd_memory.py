@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from sagkit.core.device import apply_cpu_threads
+
 MODELS = ("sd15", "animatediff", "sd3")
 METHODS = ("symplectic", "backprop", "budgeted")
 SD15 = dict(
@@ -386,4 +388,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     raise SystemExit(main())

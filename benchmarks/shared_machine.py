@@ -6,7 +6,8 @@
 A classroom server or a busy laptop runs other work beside a student's notebook. torch's OpenMP
 threads spin while they wait for each other, so with torch on every core one competing process
 can multiply a run's time (a symplectic gradient on the digits UNet: 4.3× on 2 cores). sagkit's
-import therefore gives torch half the cores (``sagkit.core.device.cpu_threads``). This
+thread policy (``sk.apply_cpu_threads()``, called by the notebooks, the CLI and each workload
+here) therefore gives torch half the cores (``sagkit.core.device.cpu_threads``). This
 benchmark measures what that buys, as a student meets it: every workload starts in a fresh
 process with ``OMP_NUM_THREADS`` and ``SAGKIT_THREADS`` removed from its environment.
 
@@ -44,7 +45,8 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 
 GRADIENT = """
 import time, torch, sagkit as sk
-model = sk.load_pretrained("digits", device="cpu")
+sk.apply_cpu_threads()
+model = sk.digits.load_pretrained("digits", device="cpu")
 ts = sk.time_grid(model.schedule, 1.0, 0.0, 20)
 x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 def loss(x0):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import sagkit as sk
+from sagkit.core.device import apply_cpu_threads
 from sagkit.lab.smc_study import TWISTS, plot_smc, smc_study, smc_tasks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(1)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    mixture = sk.digits_mixture(
+    mixture = sk.digits.digits_mixture(
         n_components=args.components, schedule=sk.VPSchedule.from_diffusers(scheduler)
     )
     start = time.perf_counter()
@@ -152,4 +153,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    apply_cpu_threads()  # the shared-machine thread policy, as the sagkit command applies it
     main()

@@ -1,7 +1,7 @@
 """sagkit: accurate gradients through diffusion samplers.
 
     import sagkit as sk
-    model = sk.digits_mixture()                  # exact ε, exact ground truth
+    model = sk.digits.digits_mixture()           # exact ε, exact ground truth
     ts = sk.time_grid(model.schedule, 1.0, 0.0, 20)
     x0 = sk.solve(model, x_T, ts, solver="heun")
     loss, grad = sk.loss_grad(model, loss_fn, x_T, ts, method="symplectic")
@@ -16,13 +16,21 @@ The layers, bottom up (each imports only the ones above it in this list):
 - :mod:`sagkit.digits`: the shipped digits models, their data, training and evaluation;
 - :mod:`sagkit.lab`: the studies behind the notebooks and the report, and the CLI.
 
-The formulas are in docs/maths.md, which the docstrings cite by section.
+``import sagkit`` exposes the maths, the engines and guidance, and has no side effect. The
+other layers are imported where used (``sagkit.sd``, ``sagkit.digits``, ``sagkit.lab``; each
+also as an attribute, imported on first access). Names that moved keep a bridge for one minor
+release (:mod:`sagkit.bridges`).
 
-Importing sagkit sets torch's CPU threads to half the cores this process may use (so that one
-competing process does not multiply its time); ``SAGKIT_THREADS=k`` or ``OMP_NUM_THREADS=k``
-chooses k instead (:func:`sagkit.core.device.cpu_threads`).
+:func:`apply_cpu_threads` is the shared-machine thread policy (half the cores this process
+may use, or ``SAGKIT_THREADS``/``OMP_NUM_THREADS``): the CLI, the report and the notebooks call
+it; a script calls it when it wants it.
+
+The formulas are in docs/maths.md, which the docstrings cite by section.
 """
 
+import importlib
+
+from .bridges import moved_names
 from .core.device import apply_cpu_threads
 from .core.estimates import estimate_x0, rms_distance
 from .core.inversion import inversion_error, invert
@@ -30,9 +38,6 @@ from .core.models import ClassifierFreeGuidance, DiffusersModel, GaussianMixture
 from .core.schedules import FlowSchedule, Schedule, VPSchedule, time_grid
 from .core.sde import encode, recover_noise, sde_sample
 from .core.solvers import SOLVERS, Tableau, register_solver, solve
-from .digits.classifier import DigitsClassifier
-from .digits.data import digits_dataset, digits_mixture
-from .digits.models import DigitsModel, load_classifier, load_pretrained, sample_digits
 from .gradients import (
     METHODS,
     GradientMethod,
@@ -49,13 +54,7 @@ from .guidance.family import LGD, MPGD, TFG, UGD
 from .guidance.methods import GUIDANCE, GuidanceMethod
 from .guidance.presets import PRESETS
 from .guidance.sampler import guided_sample
-from .lab.convergence import convergence_study
-from .lab.evaluation import evaluate_guidance
-from .lab.misalignment import misalignment
-from .lab.profiling import ProfileReport, profile, profile_gradient
-
-# CPU threads: half the cores unless SAGKIT_THREADS or OMP_NUM_THREADS says (core.device).
-apply_cpu_threads()
+from .version import __version__
 
 __all__ = [
     # core: schedules, models, solvers, estimates, SDE, inversion
@@ -99,20 +98,20 @@ __all__ = [
     "optimize_latent",
     "morph",
     "evaluate_morphs",
-    # the shipped digits models
-    "DigitsModel",
-    "DigitsClassifier",
-    "load_pretrained",
-    "load_classifier",
-    "digits_dataset",
-    "digits_mixture",
-    "sample_digits",
-    # studies and measurement
-    "misalignment",
-    "convergence_study",
-    "evaluate_guidance",
-    "profile",
-    "profile_gradient",
-    "ProfileReport",
+    # the shared-machine thread policy
+    "apply_cpu_threads",
+    "__version__",
 ]
-__version__ = "0.2.0"
+
+SUBPACKAGES = ("core", "gradients", "guidance", "sd", "digits", "lab")
+
+
+def __getattr__(name: str):
+    """``sk.digits``, ``sk.lab``, ``sk.sd``: imported on first access; a name that moved out of
+    the root: from its new place, with a DeprecationWarning (:mod:`sagkit.bridges`)."""
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    return _moved(name)
+
+
+_moved = moved_names(__name__, stacklevel=4)

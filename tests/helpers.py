@@ -27,6 +27,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -349,8 +350,12 @@ def top_time(schedule) -> float:
 
 
 SCHEDULES = {"vp": VPSchedule.linear(), "flow": FlowSchedule.rectified(shift=3.0)}
-"""The two kinds of schedule every exactness test of the mixture runs under: the linear VP
+"""The two kinds of schedule the exactness tests of the mixture run under: the linear VP
 schedule, and the rectified flow with SD3's shift s = 3."""
+
+BOTH_SCHEDULES = pytest.mark.parametrize("mixture", list(SCHEDULES), indirect=True)
+"""Runs a test of the ``mixture`` fixture (VP by default) under the flow schedule too: for the
+tests whose code the flow changes (the velocity frame of the ODE, the t = 1 endpoint)."""
 
 
 def mixture_under(schedule):

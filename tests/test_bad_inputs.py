@@ -38,17 +38,17 @@ def mixture():
 
 @functools.cache
 def digits():
-    return sk.load_pretrained("digits", device="cpu")
+    return sk.digits.load_pretrained("digits", device="cpu")
 
 
 @functools.cache
 def digits64():
-    return sk.load_pretrained("digits", device="cpu", dtype=torch.float64)
+    return sk.digits.load_pretrained("digits", device="cpu", dtype=torch.float64)
 
 
 @functools.cache
 def classifier():
-    return sk.load_classifier("digits", device="cpu")
+    return sk.digits.load_classifier("digits", device="cpu")
 
 
 def x(batch=2, dtype=torch.float64, fill=None):
@@ -211,7 +211,7 @@ CASES = [
     (
         "misalignment-nan-x",
         "W",
-        lambda: sk.misalignment(mixture(), x(fill=NAN), steps=10),
+        lambda: sk.lab.misalignment(mixture(), x(fill=NAN), steps=10),
         ValueError,
         "x_T contains NaN",
     ),
@@ -232,21 +232,21 @@ CASES = [
     (
         "misalignment-times=1.5",
         "W",
-        lambda: sk.misalignment(mixture(), x(), times=(1.5,), steps=10),
+        lambda: sk.lab.misalignment(mixture(), x(), times=(1.5,), steps=10),
         ValueError,
         r"times must lie in \(0, 1\]",
     ),
     (
         "misalignment-times=nan",
         "W",
-        lambda: sk.misalignment(mixture(), x(), times=(NAN,), steps=10),
+        lambda: sk.lab.misalignment(mixture(), x(), times=(NAN,), steps=10),
         ValueError,
         r"times must lie in \(0, 1\]",
     ),
     (
         "misalignment-ns=0",
         "W",
-        lambda: sk.misalignment(mixture(), x(), ns=(0,), steps=10),
+        lambda: sk.lab.misalignment(mixture(), x(), ns=(0,), steps=10),
         ValueError,
         "ns entries must be an integer >= 1",
     ),
@@ -276,14 +276,14 @@ CASES = [
     (
         "evaluate_guidance-ns=0",
         "W",
-        lambda: sk.evaluate_guidance(digits(), classifier(), ns=(0,)),
+        lambda: sk.lab.evaluate_guidance(digits(), classifier(), ns=(0,)),
         ValueError,
         "ns entries must be an integer >= 1",
     ),
     (
         "evaluate_guidance-bogus-method",
         "B",
-        lambda: sk.evaluate_guidance(digits(), classifier(), methods=("bogus",)),
+        lambda: sk.lab.evaluate_guidance(digits(), classifier(), methods=("bogus",)),
         ValueError,
         "methods entries must be one of 'none', 'freedom'",
     ),
@@ -317,7 +317,7 @@ CASES = [
     (
         "sample_digits-scale=nan",
         "W",
-        lambda: sk.sample_digits(digits(), [3], scale=NAN, steps=2),
+        lambda: sk.digits.sample_digits(digits(), [3], scale=NAN, steps=2),
         ValueError,
         "scale must be a finite number >= 0",
     ),
@@ -419,14 +419,14 @@ CASES = [
     (
         "misalignment-B=0",
         "B",
-        lambda: sk.misalignment(mixture(), x(0), steps=10),
+        lambda: sk.lab.misalignment(mixture(), x(0), steps=10),
         ValueError,
         EMPTY,
     ),
     (
         "sample_digits-B=0",
         "B",
-        lambda: sk.sample_digits(digits(), [], steps=2),
+        lambda: sk.digits.sample_digits(digits(), [], steps=2),
         ValueError,
         "at least one digit",
     ),
@@ -730,7 +730,7 @@ def test_evaluate_guidance_shows_progress(monkeypatch):
 
     monkeypatch.setattr(evaluation, "tqdm", fake_tqdm)
     with pytest.raises(Stop):
-        sk.evaluate_guidance(
+        sk.lab.evaluate_guidance(
             digits(), classifier(), methods=("none", "sag"), ns=(1, 2), progress=True
         )
     assert seen == [(True, 4 * 3)]  # 4 tasks × (none, sag n=1, sag n=2) × 1 shard of 64

@@ -57,7 +57,7 @@ def digits_setup():
     torch.manual_seed(0)
     unet = tiny_unet(class_embed_type="identity", sample_size=16).double().eval()
     embeddings = torch.randn(11, 32, dtype=torch.float64, generator=seeded(0))
-    model = sk.DigitsModel(
+    model = sk.digits.DigitsModel(
         unet.requires_grad_(False), DDIMScheduler(num_train_timesteps=1000, clip_sample=False),
         embeddings,
     )  # fmt: skip

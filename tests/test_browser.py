@@ -1,6 +1,11 @@
 """A notebook in a real JupyterLab, driven by headless Chromium (Debian's package) via Playwright.
 
-The test copies the notebook to a temporary folder (JupyterLab saves what it runs), starts
+The notebook is a small one made from notebook 04: its first code cell (imports, the shipped
+model and classifier) and its interactive figure's cell, exactly as they are there. The rest of
+notebook 04 runs under nbval (``make notebooks-test``); what only a browser shows is that
+JupyterLab runs a notebook and that the widget draws and redraws its figure.
+
+The test writes that notebook to a temporary folder (JupyterLab saves what it runs), starts
 JupyterLab on loopback with its own temporary settings, waits until the notebook's kernel is
 connected, runs every cell from the Run menu, draws the interactive figure ("Run Interact"),
 moves the target-class slider, draws again and checks that the figure changed. Screenshots go
@@ -30,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = "04_guided_sampling.ipynb"
+SOURCE = "04_guided_sampling.ipynb"  # the notebook whose setup and widget cells are taken
+NOTEBOOK = "browser_check.ipynb"  # the small notebook the test writes and opens
 WIDGET = "target"  # the description of the integer slider the test moves
 # The kernel the notebook runs on. Jupyter always provides "python3" for the Python that runs
 # the server (here the test's own interpreter), so sagkit imports in the kernel.
@@ -118,14 +124,21 @@ def _free_port() -> int:
 
 
 def _copy_notebook(work: Path) -> None:
-    """Copy the notebook, naming the kernel the test starts in its metadata: JupyterLab asks
-    which kernel to start when the notebook names one that does not exist.
+    """Write the small notebook: notebook 04's first code cell and the cell of its interactive
+    figure (the one calling ``interact_manual`` with the ``WIDGET`` slider), naming the kernel
+    the test starts in its metadata: JupyterLab asks which kernel to start when the notebook
+    names one that does not exist.
 
-    The copy also shows the inputs the notebook collapses (the exercises' answers): JupyterLab
-    replaces a collapsed cell's input by a placeholder whose prompt never shows the execution
-    count, so the end of the run (every prompt numbered) could not be seen. The cells run all
-    the same."""
-    nb = json.loads((ROOT / "notebooks" / NOTEBOOK).read_text(encoding="utf-8"))
+    The copy also shows any input the notebook collapses: JupyterLab replaces a collapsed
+    cell's input by a placeholder whose prompt never shows the execution count, so the end of
+    the run (every prompt numbered) could not be seen."""
+    nb = json.loads((ROOT / "notebooks" / SOURCE).read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    widget = [c for c in code if "interact_manual" in "".join(c["source"])]
+    assert len(widget) == 1 and f'description="{WIDGET}"' in "".join(widget[0]["source"]), (
+        f"{SOURCE} no longer has one interact_manual cell with a {WIDGET!r} slider"
+    )
+    nb["cells"] = [code[0], widget[0]]
     nb.setdefault("metadata", {})["kernelspec"] = {
         "name": KERNEL,
         "display_name": "Python 3 (ipykernel)",

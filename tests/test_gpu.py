@@ -60,15 +60,15 @@ def test_cuda_peak_is_reported_and_symplectic_is_flat(unet_model):
     for method in ("backprop", "symplectic"):
         for n in (8, 64):
             ts = sk.time_grid(model.schedule, 0.8, 0.0, n)
-            report = sk.profile_gradient(model, loss, x, ts, method=method)
+            report = sk.lab.profile_gradient(model, loss, x, ts, method=method)
             assert report.cuda_peak_bytes is not None and report.cuda_peak_bytes > 0
             peaks[method, n] = report.saved_bytes
     assert peaks["symplectic", 64] * 10 <= peaks["backprop", 64]
 
 
 def test_guided_sampling_on_cuda():
-    model = sk.load_pretrained("digits", device="cuda")
-    classifier = sk.load_classifier("digits", device="cuda")
+    model = sk.digits.load_pretrained("digits", device="cuda")
+    classifier = sk.digits.load_classifier("digits", device="cuda")
     x_T = torch.randn(4, 1, 16, 16, device="cuda")
     out = sk.guided_sample(
         model,
@@ -89,8 +89,8 @@ def test_guided_sampling_on_cuda_matches_the_cpu(engine, ieee_float32):
     runs = {}
     with RoundingChain() as chain:
         for device in ("cpu", "cuda"):
-            model = sk.load_pretrained("digits", device=device, dtype=torch.float64)
-            classifier = sk.load_classifier("digits", device=device, dtype=torch.float64)
+            model = sk.digits.load_pretrained("digits", device=device, dtype=torch.float64)
+            classifier = sk.digits.load_classifier("digits", device=device, dtype=torch.float64)
             x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
             runs[device] = sk.guided_sample(
                 model, sk.losses.target_class(classifier, 3), x_T.double().to(device),
@@ -102,8 +102,8 @@ def test_guided_sampling_on_cuda_matches_the_cpu(engine, ieee_float32):
 
 
 def test_bfloat16_weights_guide_in_float32_on_cuda():
-    model = sk.load_pretrained("digits", device="cuda", dtype=torch.bfloat16)
-    classifier = sk.load_classifier("digits", device="cuda")
+    model = sk.digits.load_pretrained("digits", device="cuda", dtype=torch.bfloat16)
+    classifier = sk.digits.load_classifier("digits", device="cuda")
     x_T = torch.randn(4, 1, 16, 16, device="cuda")
     out = sk.guided_sample(
         model, sk.losses.target_class(classifier, 3), x_T, steps=10, n=3, progress=False
@@ -113,7 +113,7 @@ def test_bfloat16_weights_guide_in_float32_on_cuda():
 
 def test_x_on_another_device_than_the_model_is_a_clear_error():
     """Issue 13 (was B): x on the CPU with the model on CUDA, and the reverse."""
-    model = sk.load_pretrained("digits", device="cuda")
+    model = sk.digits.load_pretrained("digits", device="cuda")
     grid = sk.time_grid(model.schedule, 1.0, model.schedule.t_min, 2)
     x = torch.randn(2, 1, 16, 16)
     with pytest.raises(ValueError, match="x is on cpu but the model is on cuda"):

@@ -194,7 +194,7 @@ def test_guided_sample_errs_or_is_finite(problem, steps, guidance, lo, hi, scale
 
 @functools.cache
 def digits_unet():
-    return sk.load_pretrained("digits", device="cpu", dtype=torch.float64)
+    return sk.digits.load_pretrained("digits", device="cpu", dtype=torch.float64)
 
 
 SCHEDULERS = st.sampled_from(

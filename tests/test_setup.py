@@ -119,9 +119,9 @@ def test_wheel_carries_the_weights_and_loads_both_models(tmp_path):
     )
     script = (
         "import sagkit as sk, torch\n"
-        "m = sk.load_pretrained('digits', device='cpu')\n"
-        "c = sk.load_classifier('digits', device='cpu')\n"
-        "x = sk.sample_digits(m, [3], steps=2, generator=torch.Generator().manual_seed(0))\n"
+        "m = sk.digits.load_pretrained('digits', device='cpu')\n"
+        "c = sk.digits.load_classifier('digits', device='cpu')\n"
+        "x = sk.digits.sample_digits(m, [3], steps=2, generator=torch.Generator().manual_seed(0))\n"
         "print(sk.__file__, tuple(x.shape), tuple(c(x).shape))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))

@@ -24,8 +24,9 @@ import inspect
 import torch
 from torch import nn
 
+from ..bridges import call_moved
 from .checks import check_cond, check_finite, check_matches, check_scale, check_time
-from .frames import per_sample, velocity_of
+from .frames import EpsFrame, Frame, VelocityFrame, ode_frame, per_sample
 from .schedules import Schedule, VPSchedule
 
 __all__ = [
@@ -33,6 +34,12 @@ __all__ = [
     "working_dtype",
     "GaussianMixture",
     "DiffusersModel",
+    "DiffusersPrediction",
+    "EpsilonPrediction",
+    "VPrediction",
+    "SamplePrediction",
+    "DIFFUSERS_PREDICTIONS",
+    "diffusers_prediction",
     "ClassifierFreeGuidance",
     "null_cond_of",
     "time_column",
@@ -115,7 +122,7 @@ class GaussianMixture(nn.Module):
         self.register_buffer("log_weights", torch.log(weights / weights.sum()).to(means.dtype))
         self.std = float(std)
         self.schedule = schedule
-        self.labels = None  # class of each component, where known (see sk.digits_mixture)
+        self.labels = None  # class of each component, where known (see sk.digits.digits_mixture)
 
     @property
     def event_shape(self) -> torch.Size:
@@ -189,6 +196,11 @@ class GaussianMixture(nn.Module):
         return self.eps(x, t, cond) - self.x0(x, t, cond)
 
     @torch.no_grad()
+    @staticmethod
+    def digits(*args, **kwargs) -> GaussianMixture:
+        """Moved to :func:`sagkit.digits.digits_mixture` (a bridge until 0.4, which warns)."""
+        return call_moved("sagkit.GaussianMixture.digits", *args, **kwargs)
+
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples from p_0, shape (n, *event_shape)."""
         comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
@@ -236,10 +248,7 @@ class DiffusersModel(nn.Module):
             self.schedule = VPSchedule.from_diffusers(schedule_or_scheduler)
             prediction_type = prediction_type or schedule_or_scheduler.config.get("prediction_type")
         self.prediction_type = prediction_type or "epsilon"
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
-                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}"
-            )
+        self.prediction = diffusers_prediction(self.prediction_type)
         if self.schedule.num_train_timesteps is None:
             raise ValueError(
                 "DiffusersModel needs a discrete schedule: pass the diffusers scheduler"
@@ -304,12 +313,93 @@ class DiffusersModel(nn.Module):
         else:
             out = self.unet(x.to(net_dtype), timestep, class_labels=cond).sample
         out = out[:, : x.shape[1]].to(x.dtype)  # drop a learned-variance half, if any
-        if self.prediction_type == "epsilon":
-            return out
-        alpha, sigma = (per_sample(f(tt), x) for f in (self.schedule.alpha, self.schedule.sigma))
-        if self.prediction_type == "v_prediction":  # v = α ε − σ x_0  ⇒  ε = σ x_t + α v
-            return sigma * x + alpha * out
-        return (x - alpha * out) / sigma  # "sample": the network predicts x_0
+        return self.prediction.eps(self.schedule, x, tt, out)
+
+
+class DiffusersPrediction:
+    """What a diffusers network outputs, by its ``prediction_type`` (parsed once, by
+    :func:`diffusers_prediction`): ε from the output at (x_t, t) (:meth:`eps`, for
+    :class:`DiffusersModel`), and the output from ε (:meth:`output`, for a diffusers
+    scheduler's ``step``). ``prediction_type`` is the diffusers name.
+
+    (docs/maths.md §1.3)
+    """
+
+    prediction_type: str
+
+    def eps(self, schedule: Schedule, x: torch.Tensor, tt: torch.Tensor, out: torch.Tensor):
+        """ε from the network's output ``out`` at x (B, ...) and the times tt (B,)."""
+        raise NotImplementedError
+
+    def output(self, schedule: Schedule, x: torch.Tensor, t: float, eps: torch.Tensor):
+        """The network's output at (x, t) whose ε is ``eps``, shape of x."""
+        raise NotImplementedError
+
+
+def _alpha_sigma(schedule: Schedule, tt: torch.Tensor, x: torch.Tensor):
+    """α_t and σ_t at the times tt (B,), shaped (B, 1, ..., 1) against x."""
+    return (per_sample(f(tt), x) for f in (schedule.alpha, schedule.sigma))
+
+
+class EpsilonPrediction(DiffusersPrediction):
+    """The network predicts ε ("epsilon")."""
+
+    prediction_type = "epsilon"
+
+    def eps(self, schedule, x, tt, out):
+        return out
+
+    def output(self, schedule, x, t, eps):
+        return eps
+
+
+class VPrediction(DiffusersPrediction):
+    """The network predicts v = α ε − σ x_0 ("v_prediction": diffusers' v, not the velocity
+    ε − x̂0 of :class:`~sagkit.core.frames.VelocityFrame`)."""
+
+    prediction_type = "v_prediction"
+
+    def eps(self, schedule, x, tt, out):
+        """v = α ε − σ x_0  ⇒  ε = σ x_t + α v."""
+        alpha, sigma = _alpha_sigma(schedule, tt, x)
+        return sigma * x + alpha * out
+
+    def output(self, schedule, x, t, eps):
+        """v = α ε − σ x̂0."""
+        x0 = ode_frame(schedule).x0(schedule, x, t, eps)
+        return schedule.alpha(t) * eps - schedule.sigma(t) * x0
+
+
+class SamplePrediction(DiffusersPrediction):
+    """The network predicts x_0 ("sample")."""
+
+    prediction_type = "sample"
+
+    def eps(self, schedule, x, tt, out):
+        """ε = (x_t − α x_0)/σ."""
+        alpha, sigma = _alpha_sigma(schedule, tt, x)
+        return (x - alpha * out) / sigma
+
+    def output(self, schedule, x, t, eps):
+        """x̂0 = (x_t − σ ε)/α."""
+        return ode_frame(schedule).x0(schedule, x, t, eps)
+
+
+DIFFUSERS_PREDICTIONS: dict[str, type[DiffusersPrediction]] = {
+    cls.prediction_type: cls for cls in (EpsilonPrediction, VPrediction, SamplePrediction)
+}
+"""The class of each diffusers ``prediction_type``."""
+
+
+def diffusers_prediction(prediction_type: str) -> DiffusersPrediction:
+    """The :class:`DiffusersPrediction` of a diffusers ``prediction_type`` ("epsilon",
+    "v_prediction" or "sample"): the one place the name is read."""
+    cls = DIFFUSERS_PREDICTIONS.get(prediction_type) if isinstance(prediction_type, str) else None
+    if cls is None:
+        raise ValueError(
+            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
+        )
+    return cls()
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -334,18 +424,20 @@ class ClassifierFreeGuidance(nn.Module):
         self.scale = check_scale(scale, "scale")
 
     def predict_and_difference(
-        self, x: torch.Tensor, t, cond, *, kind: str = "eps"
+        self, x: torch.Tensor, t, cond, *, frame: Frame | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(F̃, Δ): the guided F̃ = F_u + w Δ and the difference Δ = F_c − F_u of the
-        prediction ``kind`` ("eps" or "velocity"; both are affine in ε at fixed x, so CFG on
-        either is the same sampler), from one network call on the batch [x; x] with
-        conditions [cond; null] (the one place that order is defined), each of x's shape."""
+        prediction F of ``frame`` (:meth:`~sagkit.core.frames.Frame.predict`: ε by default, or the
+        velocity of :class:`~sagkit.core.frames.VelocityFrame`; both are affine in ε at fixed
+        x, so CFG on either is the same sampler), from one network call on the batch [x; x]
+        with conditions [cond; null] (the one place that order is defined), each of x's
+        shape."""
         if cond is None:
             raise ValueError("ClassifierFreeGuidance needs cond")
         null = self.null_cond.to(cond).expand_as(cond)
         tt = time_column(t, x)
         xx, tt, cc = torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])
-        out = self.model.eps(xx, tt, cc) if kind == "eps" else velocity_of(self.model, xx, tt, cc)
+        out = (EpsFrame() if frame is None else frame).predict(self.model, xx, tt, cc)
         out_cond, out_uncond = out.chunk(2)
         difference = out_cond - out_uncond
         return out_uncond + self.scale * difference, difference
@@ -356,4 +448,4 @@ class ClassifierFreeGuidance(nn.Module):
 
     def velocity(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """ṽ = v_u + w (v_c − v_u) (:meth:`predict_and_difference`)."""
-        return self.predict_and_difference(x, t, cond, kind="velocity")[0]
+        return self.predict_and_difference(x, t, cond, frame=VelocityFrame())[0]

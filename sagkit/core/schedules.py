@@ -7,7 +7,7 @@
 - :class:`FlowSchedule`: α_t = 1 − σ_t, the rectified flow of Stable Diffusion 3 and FLUX,
   with their time shift σ_t = s t / (1 + (s − 1) t).
 
-Both are a :class:`Schedule`: α, σ, λ and the inverse t(λ), and ``ode``, the frame their
+Both are a :class:`Schedule`: α, σ, λ and the inverse t(λ), and ``ode``, the frame class their
 probability-flow ODE is solved in (:func:`sagkit.core.frames.ode_frame`). Every method takes
 a Python float or a tensor and returns the same kind (docs/maths.md §1).
 """
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_count, check_name, check_time
+from .frames import EpsFrame, VelocityFrame
 
 __all__ = [
     "Schedule",
@@ -59,12 +60,13 @@ class Schedule:
         name: short description, shown in ``repr``.
         t_min: the smallest time at which a sampler should stop (λ is finite there).
         num_train_timesteps: N for a discrete (diffusers) schedule, else ``None``.
-        ode: the frame of the probability-flow ODE (docs/maths.md §2.5): "eps" (y = x/α over
-            ρ = σ/α, slope ε) where α > 0 on [0, 1], "velocity" (x/(α + σ) over
-            σ/(α + σ), slope v = ε − x̂0) where α reaches 0 at t = 1.
+        ode: the frame class of the probability-flow ODE (docs/maths.md §2.5):
+            :class:`~sagkit.core.frames.EpsFrame` (y = x/α over ρ = σ/α, slope ε) where α > 0
+            on [0, 1], :class:`~sagkit.core.frames.VelocityFrame` (x/(α + σ) over σ/(α + σ),
+            slope v = ε − x̂0) where α reaches 0 at t = 1.
     """
 
-    ode = "eps"
+    ode = EpsFrame
     name = "schedule"
     t_min = 1e-3
     num_train_timesteps = None
@@ -237,7 +239,7 @@ class FlowSchedule(Schedule):
             timestep σ_t · N (diffusers' convention for flow matching), else ``None``.
     """
 
-    ode = "velocity"
+    ode = VelocityFrame
 
     def __init__(self, *, shift: float = 1.0, num_train_timesteps=None, t_min: float = 1e-3):
         if not shift > 0:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_grid, check_inputs, show_progress
-from .frames import Frame, get_frame
+from .frames import DataFrame, Frame, get_frame
 
 __all__ = ["sde_step", "sde_sample", "recover_noise", "encode"]
 
@@ -50,7 +50,7 @@ def sde_step(
     return frame.kappa(sc, t) * y
 
 
-def _sde_frame(parameterisation: str, ts: torch.Tensor, schedule) -> Frame:
+def _sde_frame(parameterisation: str | Frame, ts: torch.Tensor, schedule) -> Frame:
     frame = get_frame(parameterisation, sde=True)
     frame.check_times(ts, schedule)
     return frame
@@ -73,7 +73,7 @@ def sde_sample(
     cond=None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    parameterisation: str = "eps",
+    parameterisation: str | Frame = "eps",
     callback=None,
     progress: bool | None = None,
 ):
@@ -86,7 +86,8 @@ def sde_sample(
         cond: conditioning passed to the model.
         noise: (M, B, ...) the noise ξ of every step; drawn from ``generator`` when omitted.
         parameterisation: "eps" (SDE-DPM-Solver-1, the AdjointDEIS sampler) or "data"
-            (SDE-DPM-Solver++-1, DDPM's ancestral step).
+            (SDE-DPM-Solver++-1, DDPM's ancestral step), or a frame of that class
+            (:func:`~sagkit.core.frames.get_frame`).
         callback: called as ``callback(i, t_i, x_i)`` at every grid point, i = 0..M.
         progress: show a progress bar; ``None``: from 1000 steps on.
     Returns:
@@ -116,7 +117,9 @@ def sde_sample(
 
 
 @torch.no_grad()
-def recover_noise(model, states, ts, *, cond=None, parameterisation: str = "eps") -> torch.Tensor:
+def recover_noise(
+    model, states, ts, *, cond=None, parameterisation: str | Frame = "eps"
+) -> torch.Tensor:
     """The noise that makes :func:`sde_sample` pass through the given states exactly.
 
     The step equation solved for ξ: ξ_k = [Y_{k+1} − Y_k − c(ν_{k+1} − ν_k) F(x_k, t_k)] / sqrt(q),
@@ -154,7 +157,7 @@ def encode(
     *,
     cond=None,
     generator: torch.Generator | None = None,
-    parameterisation: str = "eps",
+    parameterisation: str | Frame = "eps",
 ):
     """Encode a real image for the SDE sampler: a trajectory that ends on it, and its noise.
 
@@ -175,7 +178,7 @@ def encode(
     check_inputs(model, x0, cond=cond, x_name="x0")
     ts = check_grid(ts)
     sc = model.schedule
-    post = get_frame("data", sde=True)
+    post = get_frame(DataFrame, sde=True)
     draw = lambda: torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # noqa: E731
     t0 = float(ts[0])
     states = [sc.alpha(float(t0)) * x0 + sc.sigma(float(t0)) * draw()]

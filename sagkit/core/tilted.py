@@ -342,7 +342,7 @@ class ClassLoss:
     def for_label(cls, mixture: GaussianMixture, label: int, *, strength: float) -> ClassLoss:
         """ℓ_k = 0 on the components of ``label`` (``mixture.labels``), −``strength`` elsewhere."""
         if mixture.labels is None:
-            raise ValueError("the mixture has no labels (build it with sk.digits_mixture)")
+            raise ValueError("the mixture has no labels (build it with sk.digits.digits_mixture)")
         check_scale(strength, "strength")
         return cls(mixture, -float(strength) * (mixture.labels != label).to(_F64))
 
@@ -435,7 +435,7 @@ class ExactGuidance:
         (docs/maths.md §14.1)
         """
         frame = ode_frame(self.schedule) if frame is None else frame
-        return _frame_pred(frame, self.target, x, t) - _frame_pred(frame, self.prior, x, t)
+        return frame.predict_exact(self.target, x, t) - frame.predict_exact(self.prior, x, t)
 
     def log_expected(self, x: torch.Tensor, t) -> torch.Tensor:
         """log E[e^{−L(x_0)} | x_t = x] = log p̃_t(x) − log p_t(x) + log Z, (B,).
@@ -443,12 +443,3 @@ class ExactGuidance:
         (docs/maths.md §14.1)
         """
         return self.target.log_prob(x, t) - self.prior.log_prob(x, t) + self.target.log_normaliser
-
-
-def _frame_pred(frame, model: TiltedMixture, x: torch.Tensor, t) -> torch.Tensor:
-    """F of ``frame`` for a model whose x0 is exact (no division by α_t for the data frame)."""
-    if frame.prediction == "velocity":
-        return model.velocity(x, t)
-    if frame.prediction == "data":
-        return model.x0(x, t)
-    return model.eps(x, t)

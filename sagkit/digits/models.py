@@ -1,7 +1,7 @@
 """The shipped models: a class-conditional digits UNet and a digits classifier, with their data.
 
-    model = sk.load_pretrained("digits")           # a DigitsModel (a sk.DiffusersModel)
-    clf = sk.load_classifier("digits")              # a DigitsClassifier, frozen
+    model = sk.digits.load_pretrained("digits")           # a DigitsModel (a sk.DiffusersModel)
+    clf = sk.digits.load_classifier("digits")              # a DigitsClassifier, frozen
     x = sample_digits(model, [3, 7], scale=2.0)     # (2, 1, 16, 16) in about [-1, 1]
 
 Both were trained by ``sagkit train digits`` on ``digits_dataset("train")``,

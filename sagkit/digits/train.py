@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..bridges import moved_names
 from ..core.checks import check_count
 from ..core.models import DiffusersModel
 from .classifier import DigitsClassifier
@@ -86,6 +87,63 @@ def _cosine_lr(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _optimiser_step(optimizer, lr_schedule, loss: torch.Tensor) -> None:
+    """One update: the gradient of ``loss``, a step of ``optimizer``, then of its schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lr_schedule.step()
+
+
+def _random_batch(images: torch.Tensor, generator: torch.Generator, *, size: int, **augmentation):
+    """``size`` indices drawn with replacement from ``images`` (N, 1, S, S) and those images
+    through :func:`augment` with ``augmentation`` (rotate, scale, shift)."""
+    idx = torch.randint(len(images), (size,), generator=generator)
+    return idx, augment(images[idx], generator, **augmentation)
+
+
+def _conditional_unet(config: dict, *, classes: int) -> tuple[DiffusersModel, nn.Parameter]:
+    """A fresh UNet of ``config`` on the 1000-step linear DDPM schedule, and its table of class
+    embeddings: one row per class and a last one, the null class."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    unet = UNet2DModel(**config)
+    table = nn.Parameter(torch.randn(classes + 1, unet.config.block_out_channels[0] * 4))
+    return DiffusersModel(unet, scheduler), table
+
+
+def _denoising_loss(model, table, images, labels, generator, *, p_uncond: float, size: int):
+    """The ε-prediction loss on a random augmented batch of ``size``: t uniform in [t_min, 1],
+    each label replaced by the null class (the last row of ``table``) with probability
+    ``p_uncond``."""
+    idx, x0 = _random_batch(images, generator, size=size, rotate=5.0, scale=0.0, shift=1.0)
+    null = len(table) - 1
+    y = torch.where(torch.rand(size, generator=generator) < p_uncond, null, labels[idx])
+    t_min = model.schedule.t_min
+    t = t_min + (1 - t_min) * torch.rand(size, generator=generator, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=generator)
+    alpha = model.schedule.alpha(t).float().view(-1, 1, 1, 1)
+    sigma = model.schedule.sigma(t).float().view(-1, 1, 1, 1)
+    return nn.functional.mse_loss(model.eps(alpha * x0 + sigma * noise, t, table[y]), noise)
+
+
+@torch.no_grad()
+def _update_ema(ema: list[torch.Tensor], params, *, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · params, in place."""
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
+def _ema_model(model: DiffusersModel, ema: list[torch.Tensor]) -> DigitsModel:
+    """A copy of ``model``'s UNet with the ``ema`` weights (its last entry: the class table), as
+    a :class:`~sagkit.DigitsModel` in eval mode."""
+    ema_unet = copy.deepcopy(model.unet)
+    with torch.no_grad():
+        for p, e in zip(ema_unet.parameters(), ema[:-1], strict=True):
+            p.copy_(e)
+    return DigitsModel(ema_unet, model.scheduler, ema[-1]).eval()
+
+
 def train_unet(
     out,
     *,
@@ -109,8 +167,6 @@ def train_unet(
     Returns:
         The saved EMA model as a :class:`~sagkit.DigitsModel` (eval mode).
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-
     check_count(steps, "steps")
     check_count(batch_size, "batch_size")
     _check_out(out, overwrite_shipped)
@@ -118,39 +174,20 @@ def train_unet(
     gen = torch.Generator().manual_seed(seed)
     config = {**UNET_CONFIG, **(unet_config or {})}
     images, labels = digits_dataset("train", size=config["sample_size"])
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    unet = UNet2DModel(**config)
-    model = DiffusersModel(unet, scheduler)
-    classes = int(labels.max()) + 1
-    table = nn.Parameter(torch.randn(classes + 1, unet.config.block_out_channels[0] * 4))
-    params = [*unet.parameters(), table]
+    model, table = _conditional_unet(config, classes=int(labels.max()) + 1)
+    params = [*model.unet.parameters(), table]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     lr_schedule = _cosine_lr(optimizer, steps, warmup=min(100, steps))
     ema = [p.detach().clone() for p in params]
-    t_min = model.schedule.t_min
     bar = tqdm(range(steps), desc="digits-unet", disable=not progress)
     for step in bar:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x0 = augment(images[idx], gen, rotate=5.0, scale=0.0, shift=1.0)
-        y = torch.where(torch.rand(batch_size, generator=gen) < p_uncond, classes, labels[idx])
-        t = t_min + (1 - t_min) * torch.rand(batch_size, generator=gen, dtype=torch.float64)
-        noise = torch.randn(x0.shape, generator=gen)
-        alpha = model.schedule.alpha(t).float().view(-1, 1, 1, 1)
-        sigma = model.schedule.sigma(t).float().view(-1, 1, 1, 1)
-        loss = nn.functional.mse_loss(model.eps(alpha * x0 + sigma * noise, t, table[y]), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        loss = _denoising_loss(
+            model, table, images, labels, gen, p_uncond=p_uncond, size=batch_size
+        )
+        _optimiser_step(optimizer, lr_schedule, loss)
+        _update_ema(ema, params, decay=min(ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    ema_unet = copy.deepcopy(unet)
-    with torch.no_grad():
-        for p, e in zip(ema_unet.parameters(), ema[:-1], strict=True):
-            p.copy_(e)
-    result = DigitsModel(ema_unet, scheduler, ema[-1]).eval()
+    result = _ema_model(model, ema)
     result.save_pretrained(Path(out) / "digits-unet")
     return result
 
@@ -188,13 +225,9 @@ def train_classifier(
     lr_schedule = _cosine_lr(optimizer, steps, warmup=min(100, steps))
     bar = tqdm(range(steps), desc="digits-classifier", disable=not progress)
     for _ in bar:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x = augment(images[idx], gen, rotate=12.0, scale=0.1, shift=1.5)
+        idx, x = _random_batch(images, gen, size=batch_size, rotate=12.0, scale=0.1, shift=1.5)
         loss = nn.functional.cross_entropy(classifier(x), labels[idx], label_smoothing=0.05)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
+        _optimiser_step(optimizer, lr_schedule, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     classifier.eval()
     test_x, test_y = digits_dataset("test")
@@ -202,3 +235,6 @@ def train_classifier(
         accuracy = float((classifier(test_x).argmax(-1) == test_y).double().mean())
     classifier.save_pretrained(Path(out) / "digits-classifier")
     return classifier, accuracy
+
+
+__getattr__ = moved_names(__name__)  # names that lived here in 0.2 (sagkit.bridges)

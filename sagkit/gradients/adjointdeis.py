@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_gradients, check_inputs, show_progress
-from ..core.frames import Frame, get_frame, ode_frame
+from ..core.frames import DataFrame, EpsFrame, Frame, get_frame, ode_frame
 from ..core.sde import sde_sample
 from ..core.solvers import SOLVERS, check_grid, solve
 from .api import GradientMethod, evaluate_loss, normalise_wrt, trainable_parameters
@@ -95,28 +96,148 @@ def adjoint_step(frame: Frame, schedule, t: float, s: float, acc, V, *, prev=Non
     return [a + coef * d for a, d in zip(acc, D, strict=True)]
 
 
-def _forward(model, x, ts, *, solver, cond, frame: Frame, noise, keep: bool):
-    """The sample and (when ``keep``) the states at every grid point, without a graph."""
-    states = [None] * len(ts)
+@dataclass(frozen=True)
+class _Plan:
+    """The checked inputs of one :func:`adjointdeis_grad` call."""
+
+    model: object
+    frame: Frame
+    ts: torch.Tensor
+    cond: torch.Tensor | None
+    names: tuple[str, ...]
+    single: bool
+    params: list
+    order: int
+    resolve: bool
+    progress: bool
+
+
+def _frame_of(model, parameterisation, sde: bool) -> Frame:
+    """The adjoint's frame: ``parameterisation`` (a name or a frame), by default the frame the
+    schedule's ODE is solved in (ε for the SDE)."""
+    if parameterisation is None:
+        parameterisation = EpsFrame if sde else ode_frame(model.schedule)
+    return get_frame(parameterisation, sde=sde)
+
+
+def _check_options(order: int, states: str, sde: bool, noise) -> None:
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M), got {order!r}")
+    if states not in ("stored", "resolved"):
+        raise ValueError(f"states must be 'stored' or 'resolved', got {states!r}")
+    if sde and noise is None:
+        raise ValueError(
+            "the SDE adjoint needs the forward pass's noise realisation: pass noise= "
+            "(from sagkit.sde_sample, or sagkit.encode / recover_noise for a given image)"
+        )
+    if sde and states == "resolved":
+        raise ValueError(
+            "states='resolved' is for the ODE only; the SDE adjoint needs stored states"
+        )
+
+
+def _checked_plan(
+    model, x, ts, order, parameterisation, states, sde, noise, cond, wrt, solver, progress
+) -> _Plan:
+    """The arguments of :func:`adjointdeis_grad` checked (in this order) into a :class:`_Plan`."""
+    check_inputs(model, x, cond=cond)
+    frame = _frame_of(model, parameterisation, sde)
+    _check_options(order, states, sde, noise)
+    names, single = normalise_wrt(wrt)
+    if "cond" in names and cond is None:
+        raise ValueError('wrt="cond" needs a cond tensor')
+    ts = check_grid(ts)
+    progress = show_progress(progress, len(ts) - 1)
+    SOLVERS[solver]
+    frame.check_times(ts, model.schedule)
+    params = trainable_parameters(model) if "params" in names else []
+    resolve = states == "resolved"
+    return _Plan(model, frame, ts, cond, names, single, params, order, resolve, progress)
+
+
+def _forward(plan: _Plan, x, *, solver, noise):
+    """The sample and (with stored states) the states at every grid point, without a graph."""
+    states = [None] * len(plan.ts)
 
     def store(i, t, x_i):
         states[i] = hold(x_i.detach())  # kept outside autograd: reported to the profiler
 
-    callback = store if keep else None
+    callback = None if plan.resolve else store
     with torch.no_grad():
-        if frame.sde:
+        if plan.frame.sde:
             x_end, _ = sde_sample(
-                model,
+                plan.model,
                 x,
-                ts,
-                cond=cond,
+                plan.ts,
+                cond=plan.cond,
                 noise=noise,
-                parameterisation=frame.prediction,
+                parameterisation=plan.frame,
                 callback=callback,
             )
         else:
-            x_end = solve(model, x, ts, solver=solver, cond=cond, callback=callback)
+            x_end = solve(plan.model, x, plan.ts, solver=solver, cond=plan.cond, callback=callback)
     return x_end.detach(), states
+
+
+def _loss_and_adjoint(loss_fn, x_end: torch.Tensor):
+    """L(x_end) and a_x = ∂L/∂x_end."""
+    with torch.enable_grad():
+        leaf = x_end.clone().requires_grad_(True)
+        loss = evaluate_loss(loss_fn, leaf)
+        (a_x,) = torch.autograd.grad(loss, leaf)
+    return loss, a_x
+
+
+def _backward(plan: _Plan, a_x: torch.Tensor, x_end: torch.Tensor, traj) -> list:
+    """The adjoint states (u = κ a_x, [a_z], [a_θ ...]) at ts[0], integrated from a_x at
+    ts[-1] by :func:`adjoint_step` along the stored states ``traj``, or re-solving the state
+    alongside (``plan.resolve``)."""
+    model, frame, ts, sc, resolve = (
+        plan.model,
+        plan.frame,
+        plan.ts,
+        plan.model.schedule,
+        plan.resolve,
+    )
+    acc = [frame.kappa(sc, ts[-1]) * a_x]
+    acc += [torch.zeros_like(plan.cond)] if "cond" in plan.names else []
+    acc += [torch.zeros_like(p) for p in plan.params]
+    x_t, prev, prev_f, prev_h = x_end, None, None, None
+    n = len(ts) - 1
+    for k in tqdm(range(n, 0, -1), desc="adjointdeis", disable=not plan.progress, leave=False):
+        t, s = float(ts[k]), float(ts[k - 1])
+        if not resolve:
+            x_t = traj[k]
+        f, V = _vjp(
+            model, frame, x_t, t, cond=plan.cond, u=acc[0], names=plan.names, params=plan.params
+        )
+        if resolve:
+            # the state rides along as one more component: −Y (Y = x/κ) with integrand F, so
+            # that the same update gives Y_s = Y_t + c(ν_s − ν_t) D_F (DDIM / 2M inversion)
+            acc, V = [*acc, -x_t / frame.kappa(sc, t)], [*V, f]
+        step_prev = None
+        if plan.order == 2 and prev is not None:
+            step_prev = ([*prev, prev_f] if resolve else prev, prev_h)
+        acc = adjoint_step(frame, sc, t, s, acc, V, prev=step_prev)
+        if resolve:
+            x_t = -frame.kappa(sc, s) * acc.pop()
+            V.pop()
+        prev, prev_f, prev_h = V, f, frame.step_length(sc, t, s)
+    return acc
+
+
+def _gradients(plan: _Plan, acc: list):
+    """The requested gradients from the adjoint states at ts[0], checked: a_x = u/κ_{ts[0]},
+    a_z, a_θ; one tensor for a single ``wrt``, else a tuple in ``wrt``'s order."""
+    names, params = plan.names, plan.params
+    grads = {"x": acc[0] / plan.frame.kappa(plan.model.schedule, plan.ts[0])}
+    if "cond" in names:
+        grads["cond"] = acc[1]
+    if "params" in names:
+        grads["params"] = tuple(acc[-len(params) :])
+    out = tuple(grads[w] for w in names)
+    check_gradients(out, names, method=f"adjointdeis-{plan.order}")
+    return out[0] if plan.single else out
 
 
 def adjointdeis_grad(
@@ -126,7 +247,7 @@ def adjointdeis_grad(
     ts,
     *,
     order: int = 1,
-    parameterisation: str | None = None,
+    parameterisation: str | Frame | type[Frame] | None = None,
     states: str = "stored",
     sde: bool = False,
     noise: torch.Tensor | None = None,
@@ -147,7 +268,8 @@ def adjointdeis_grad(
             needs ts[-1] > 0) or "velocity" (V = (α + σ)² a_xᵀ ∂v/∂x; the ODE of a flow
             schedule, finite at t = 1 where α = 0). ``None`` (default): the frame the
             schedule's ODE is solved in, "eps" for VP schedules and "velocity" for flow ones
-            (:func:`~sagkit.core.frames.ode_frame`; "eps" for the SDE).
+            (:func:`~sagkit.core.frames.ode_frame`; "eps" for the SDE). A frame class or a
+            frame stands for its parameterisation (:func:`~sagkit.core.frames.get_frame`).
         states: "stored" (the forward solve's states, as the authors do) or "resolved" (the
             state is re-solved backwards alongside the adjoint with the same update on F,
             i.e. DDIM / DPM-Solver-2M inversion; ODE only, less accurate).
@@ -166,79 +288,20 @@ def adjointdeis_grad(
 
     (docs/maths.md §6.1)
     """
-    check_inputs(model, x, cond=cond)
-    if parameterisation is None:  # the frame the schedule's ODE is solved in
-        parameterisation = "eps" if sde else ode_frame(model.schedule).prediction
-    frame = get_frame(parameterisation, sde=sde)
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M), got {order!r}")
-    if states not in ("stored", "resolved"):
-        raise ValueError(f"states must be 'stored' or 'resolved', got {states!r}")
-    if sde and noise is None:
-        raise ValueError(
-            "the SDE adjoint needs the forward pass's noise realisation: pass noise= "
-            "(from sagkit.sde_sample, or sagkit.encode / recover_noise for a given image)"
-        )
-    if sde and states == "resolved":
-        raise ValueError(
-            "states='resolved' is for the ODE only; the SDE adjoint needs stored states"
-        )
-    names, single = normalise_wrt(wrt)
-    if "cond" in names and cond is None:
-        raise ValueError('wrt="cond" needs a cond tensor')
-    ts = check_grid(ts)
-    progress = show_progress(progress, len(ts) - 1)
-    SOLVERS[solver]
-    frame.check_times(ts, model.schedule)
-    params = trainable_parameters(model) if "params" in names else []
-
-    x_end, traj = _forward(
-        model, x, ts, solver=solver, cond=cond, frame=frame, noise=noise, keep=states == "stored"
+    plan = _checked_plan(
+        model, x, ts, order, parameterisation, states, sde, noise, cond, wrt, solver, progress
     )
-    with torch.enable_grad():
-        leaf = x_end.clone().requires_grad_(True)
-        loss = evaluate_loss(loss_fn, leaf)
-        (a_x,) = torch.autograd.grad(loss, leaf)
-
-    sc = model.schedule
-    acc = [frame.kappa(sc, ts[-1]) * a_x]
-    acc += [torch.zeros_like(cond)] if "cond" in names else []
-    acc += [torch.zeros_like(p) for p in params]
-    x_t, prev, prev_f, prev_h = x_end, None, None, None
-    resolve = states == "resolved"
-    n = len(ts) - 1
-    for k in tqdm(range(n, 0, -1), desc="adjointdeis", disable=not progress, leave=False):
-        t, s = float(ts[k]), float(ts[k - 1])
-        if not resolve:
-            x_t = traj[k]
-        f, V = _vjp(model, frame, x_t, t, cond=cond, u=acc[0], names=names, params=params)
-        if resolve:
-            # the state rides along as one more component: −Y (Y = x/κ) with integrand F, so
-            # that the same update gives Y_s = Y_t + c(ν_s − ν_t) D_F (DDIM / 2M inversion)
-            acc, V = [*acc, -x_t / frame.kappa(sc, t)], [*V, f]
-        step_prev = None
-        if order == 2 and prev is not None:
-            step_prev = ([*prev, prev_f] if resolve else prev, prev_h)
-        acc = adjoint_step(frame, sc, t, s, acc, V, prev=step_prev)
-        if resolve:
-            x_t = -frame.kappa(sc, s) * acc.pop()
-            V.pop()
-        prev, prev_f, prev_h = V, f, frame.step_length(sc, t, s)
-
-    grads = {"x": acc[0] / frame.kappa(sc, ts[0])}
-    if "cond" in names:
-        grads["cond"] = acc[1]
-    if "params" in names:
-        grads["params"] = tuple(acc[-len(params) :])
-    out = tuple(grads[w] for w in names)
-    check_gradients(out, names, method=f"adjointdeis-{order}")
-    return loss.detach(), out[0] if single else out
+    x_end, traj = _forward(plan, x, solver=solver, noise=noise)
+    loss, a_x = _loss_and_adjoint(loss_fn, x_end)
+    acc = _backward(plan, a_x, x_end, traj)
+    return loss.detach(), _gradients(plan, acc)
 
 
-def _engine(order: int, parameterisation: str | None) -> GradientMethod:
-    """AdjointDEIS-1 or -2M in one parameterisation (``None``: the schedule's own, ε for VP
+def _engine(order: int, frame: type[Frame] | None) -> GradientMethod:
+    """AdjointDEIS-1 or -2M in one frame class (``None``: the schedule's own, ε for VP
     schedules and the velocity for flow schedules), with stored states, as a gradient engine."""
-    name = f"adjointdeis-{order}" + ("" if parameterisation is None else "-data")
+    shown = "the ODE frame" if frame is None else frame.parameterisation
+    name = f"adjointdeis-{order}" + ("" if frame is None else f"-{frame.parameterisation}")
 
     def fn(model, loss_fn, x, ts, *, solver, cond, names):
         return adjointdeis_grad(
@@ -247,7 +310,7 @@ def _engine(order: int, parameterisation: str | None) -> GradientMethod:
             x,
             ts,
             order=order,
-            parameterisation=parameterisation,
+            parameterisation=frame,
             cond=cond,
             wrt=names,
             solver=solver,
@@ -259,12 +322,12 @@ def _engine(order: int, parameterisation: str | None) -> GradientMethod:
         wrt=("x", "cond", "params"),
         exact=False,
         description=f"AdjointDEIS-{'1' if order == 1 else '2M'} "
-        f"({parameterisation or 'the ODE frame'}'s prediction, stored states): the continuous "
+        f"({shown}'s prediction, stored states): the continuous "
         "adjoint by an exponential integrator",
-        needs_positive_end=parameterisation == "data",  # τ = α/σ is infinite at t = 0
+        needs_positive_end=frame is not None and frame.needs_positive_end,  # τ = ∞ at t = 0
     )
 
 
-BUILTIN = tuple(_engine(order, param) for order in (1, 2) for param in (None, "data"))
+BUILTIN = tuple(_engine(order, frame) for order in (1, 2) for frame in (None, DataFrame))
 """adjointdeis-1, adjointdeis-2 (eps, stored states) and their -data variants, registered by
 :mod:`sagkit.gradients`."""

@@ -58,6 +58,19 @@ def _default_grid(model, ts):
     return time_grid(model.schedule, 1.0, model.schedule.t_min, 20) if ts is None else ts
 
 
+def _check_optimize(optimize, cond, *, steps) -> tuple[str, ...]:
+    """The names of the optimised inputs, ``optimize`` as a tuple; refuses other names, repeats,
+    "cond" without a ``cond`` tensor and a number of ``steps`` that is not an integer >= 0."""
+    names = (optimize,) if isinstance(optimize, str) else tuple(optimize)
+    if not names or any(n not in ("x", "cond") for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"optimize must be ('x',), ('cond',) or ('x', 'cond'), got {optimize!r}")
+    if "cond" in names and cond is None:
+        raise ValueError("optimize='cond' needs a cond tensor")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    return names
+
+
 def optimize_latent(
     model,
     loss_fn,
@@ -92,13 +105,7 @@ def optimize_latent(
     Returns:
         An :class:`OptimizeResult`.
     """
-    names = (optimize,) if isinstance(optimize, str) else tuple(optimize)
-    if not names or any(n not in ("x", "cond") for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"optimize must be ('x',), ('cond',) or ('x', 'cond'), got {optimize!r}")
-    if "cond" in names and cond is None:
-        raise ValueError("optimize='cond' needs a cond tensor")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    names = _check_optimize(optimize, cond, steps=steps)
     ts = _default_grid(model, ts)
     x = x_T.detach().clone()
     z = None if cond is None else cond.detach().clone()
@@ -223,6 +230,61 @@ def morph(
     return out
 
 
+def _check_labels(images: torch.Tensor, labels, *, n_pairs) -> torch.Tensor:
+    """``labels`` as a tensor, one per image and of at least two classes; ``n_pairs`` a count."""
+    labels = torch.as_tensor(labels)
+    check_count(n_pairs, "n_pairs")
+    if labels.shape != (len(images),):
+        raise ValueError(
+            f"labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}"
+        )
+    if len(torch.unique(labels)) < 2:
+        raise ValueError(
+            "labels must hold at least two different classes: evaluate_morphs pairs images of "
+            "different labels"
+        )
+    return labels
+
+
+def _random_pairs(labels: torch.Tensor, *, n_pairs: int, seed: int) -> torch.Tensor:
+    """(n_pairs, 2) indices of images with different labels, drawn uniformly (with a generator
+    seeded with ``seed``) until there are ``n_pairs`` of them."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    while len(pairs) < n_pairs:
+        i, j = torch.randint(len(labels), (2,), generator=gen).tolist()
+        if labels[i] != labels[j]:
+            pairs.append((i, j))
+    return torch.tensor(pairs)
+
+
+def _apply_realism(out: dict, realism) -> None:
+    """Add ``realistic_before``/``realistic_after`` to the :func:`morph` dict ``out``, and keep
+    a success only where the morph passes the ``realism`` check."""
+    for key in ("before", "after"):
+        real = torch.as_tensor(realism(out[key])).to(out[f"success_{key}"].device)
+        out[f"realistic_{key}"] = real
+        out[f"success_{key}"] = out[f"success_{key}"] & real
+
+
+def _summary(out: dict, *, n_pairs: int) -> dict:
+    """The summary of :func:`evaluate_morphs` from its dict ``out``: mean losses, the fraction of
+    pairs whose loss fell, success rates and, after a realism check, how many it rejected."""
+    lb, la = out["loss_before"], out["loss_after"]
+    summary = {
+        "pairs": n_pairs,
+        "loss_before": float(lb.mean()),
+        "loss_after": float(la.mean()),
+        "loss_fell": float((la < lb).double().mean()),
+        "success_before": float(out["success_before"].double().mean()),
+        "success_after": float(out["success_after"].double().mean()),
+    }
+    for key in ("before", "after"):
+        if f"realistic_{key}" in out:
+            summary[f"rejected_{key}"] = int((~out[f"realistic_{key}"]).sum())
+    return summary
+
+
 def evaluate_morphs(
     model,
     classifier,
@@ -251,24 +313,8 @@ def evaluate_morphs(
         summary's ``rejected_before``/``rejected_after`` (how many morphs the check rejects)
         and success rates that count only morphs passing it.
     """
-    labels = torch.as_tensor(labels)
-    check_count(n_pairs, "n_pairs")
-    if labels.shape != (len(images),):
-        raise ValueError(
-            f"labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}"
-        )
-    if len(torch.unique(labels)) < 2:
-        raise ValueError(
-            "labels must hold at least two different classes: evaluate_morphs pairs images of "
-            "different labels"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    pairs = []
-    while len(pairs) < n_pairs:
-        i, j = torch.randint(len(images), (2,), generator=gen).tolist()
-        if labels[i] != labels[j]:
-            pairs.append((i, j))
-    pairs = torch.tensor(pairs)
+    labels = _check_labels(images, labels, n_pairs=n_pairs)
+    pairs = _random_pairs(labels, n_pairs=n_pairs, seed=seed)
     a, b = images[pairs[:, 0]], images[pairs[:, 1]]
     cond_for = model.cond_for
     out = morph(
@@ -282,20 +328,6 @@ def evaluate_morphs(
     )
     out.update(a=a, b=b, pairs=pairs)
     if realism is not None:
-        for key in ("before", "after"):
-            real = torch.as_tensor(realism(out[key])).to(out[f"success_{key}"].device)
-            out[f"realistic_{key}"] = real
-            out[f"success_{key}"] = out[f"success_{key}"] & real
-    lb, la = out["loss_before"], out["loss_after"]
-    out["summary"] = {
-        "pairs": n_pairs,
-        "loss_before": float(lb.mean()),
-        "loss_after": float(la.mean()),
-        "loss_fell": float((la < lb).double().mean()),
-        "success_before": float(out["success_before"].double().mean()),
-        "success_after": float(out["success_after"].double().mean()),
-    }
-    if realism is not None:
-        for key in ("before", "after"):
-            out["summary"][f"rejected_{key}"] = int((~out[f"realistic_{key}"]).sum())
+        _apply_realism(out, realism)
+    out["summary"] = _summary(out, n_pairs=n_pairs)
     return out

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.frames import ode_frame
+from ..core.checks import require
+from ..core.frames import EpsFrame, Frame, VelocityFrame, ode_frame
+from ..core.models import diffusers_prediction
 from ..core.schedules import FlowSchedule, is_flow_scheduler, time_grid
 from ..core.solvers import ProbabilityFlow
 
@@ -45,6 +47,7 @@ __all__ = [
     "Timesteps",
     "make_base",
     "first_stage",
+    "FirstCall",
     "check_same_schedule",
 ]
 
@@ -188,16 +191,8 @@ class SchedulerBase:
         ``prediction_type`` of a VP scheduler (F = ε)."""
         if self.flow:
             return pred
-        kind = self.scheduler.config.get("prediction_type", "epsilon")
-        if kind == "epsilon":
-            return pred
-        eps, t = pred, self.times[k]
-        x0 = ode_frame(self.schedule).x0(self.schedule, x_t, t, eps)
-        if kind == "sample":
-            return x0
-        if kind == "v_prediction":  # v = α ε − σ x0
-            return self.schedule.alpha(t) * eps - self.schedule.sigma(t) * x0
-        raise ValueError(f"the scheduler's prediction_type {kind!r} is not supported")
+        kind = diffusers_prediction(self.scheduler.config.get("prediction_type", "epsilon"))
+        return kind.output(self.schedule, x_t, self.times[k], pred)
 
     def save(self) -> dict:
         """The scheduler's mutable state (step index, multistep history)."""
@@ -308,7 +303,51 @@ def make_base(sampler, model, steps: int, *, device=None):
         if config is None:
             raise ValueError(
                 f"sampler {sampler!r} is built from the model's diffusers scheduler config: the "
-                "model needs a .scheduler (e.g. sk.load_pretrained('digits')); or pass a scheduler"
+                "model needs a .scheduler (e.g. sk.digits.load_pretrained('digits')); or pass a scheduler"
             )
         sampler = getattr(importlib.import_module("diffusers"), sampler).from_config(config)
     return SchedulerBase(sampler, model, steps, device=device)
+
+
+class FirstCall:
+    """A model that passes every call on to ``model`` and keeps the first call's output,
+    detached, as ``first = (F, Δ)``: F the prediction the call was for (ε or the velocity),
+    Δ = ε_c − ε_u of that call under classifier-free guidance (``cfg``; ``model`` is then a
+    :class:`~sagkit.ClassifierFreeGuidance`) in ε units at the first call's time ``t``, else
+    ``None``. It checks that F is finite (deferred, :func:`~sagkit.core.checks.require`)."""
+
+    def __init__(self, model, cfg: bool, t: float):
+        self.model, self.schedule, self.cfg, self.t, self.first = (
+            model,
+            model.schedule,
+            cfg,
+            t,
+            None,
+        )
+
+    def eps(self, x, t, cond=None):
+        return self._call(EpsFrame(), x, t, cond)
+
+    def velocity(self, x, t, cond=None):
+        return self._call(VelocityFrame(), x, t, cond)
+
+    def _call(self, frame: Frame, x, t, cond):
+        if self.first is not None:
+            return frame.predict(self.model, x, t, cond)
+        if self.cfg:
+            pred, difference = self.model.predict_and_difference(x, t, cond, frame=frame)
+            difference = frame.eps_difference(self.schedule, self.t, difference.detach())
+            self.first = (pred.detach(), difference)
+        else:
+            pred = frame.predict(self.model, x, t, cond)
+            self.first = (pred.detach(), None)
+        shown = f"{frame.label}(x_t)"
+        require(
+            torch.isfinite(self.first[0]).all(), lambda: f"the network's {shown} holds NaN or inf"
+        )
+        return pred
+
+    def __getattr__(self, name):  # parameters() and buffers(): the engines exclude them
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)

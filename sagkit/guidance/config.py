@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..core.checks import check_count, check_name, check_scale
+from ..core.models import ClassifierFreeGuidance, null_cond_of
 from ..gradients.api import METHODS, GradientMethod, resolve_engine
-from .base import Timesteps
+from .base import Timesteps, make_base
 from .methods import GUIDANCE, GuidanceMethod
 from .presets import PRESETS
+from .step import GuidanceRun
 from .travel import guidance_window, repeat_schedule
 
 __all__ = ["GuidanceConfig", "DEFAULTS", "OPTIONS", "ESTIMATE_GRIDS", "STEP_SIZES"]
@@ -168,9 +170,62 @@ class GuidanceConfig:
         return repeat_schedule(repeats, self.guided_steps())
 
     def replace(self, **changes) -> GuidanceConfig:
-        """A copy with the fields ``changes`` names set (``None`` values are ignored), checked."""
+        """A copy with the fields ``changes`` names set (``None`` values are ignored), checked;
+        ``self`` when nothing changes (a checked configuration is not checked again)."""
         _check_names(changes)
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def coerce(
+        cls,
+        config: GuidanceConfig | None = None,
+        *,
+        preset: str | None = None,
+        model=None,
+        cond=None,
+        defaults: Mapping[str, Any] | None = None,
+        **options,
+    ) -> GuidanceConfig:
+        """The configuration of a call that takes ``config``, ``preset`` and ``options``: every
+        entry point's one coercion. ``config`` with the ``options`` given over its fields, or
+        :meth:`resolve` of the rest; a preset with a ``config`` is refused."""
+        if config is None:
+            return cls.resolve(preset=preset, model=model, cond=cond, defaults=defaults, **options)
+        if preset is not None:
+            raise ValueError(
+                "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
+            )
+        if not isinstance(config, GuidanceConfig):
+            raise TypeError(f"config must be a GuidanceConfig, got {type(config).__name__}")
+        return config.replace(**options)
+
+    def bind(self, model, loss_fn: Callable | None, *, cond=None, cfg: bool = False, device=None):
+        """The run of this configuration (:class:`~sagkit.guidance.step.GuidanceRun`): its base
+        sampler built on ``device``, ``model`` wrapped in classifier-free guidance with
+        w = ``cfg_scale`` (default 1) around ``model.null_cond`` when ``cfg``, and the method,
+        engine, step constant (the method's default for w under CFG when ``scale`` is unset),
+        guided steps and repeat counts resolved once. ``cond``: (B, ...), checked."""
+        base = make_base(self.sampler, model, self.steps, device=device)
+        cfg_scale = 1.0 if self.cfg_scale is None else self.cfg_scale
+        if cfg:
+            model = ClassifierFreeGuidance(model, null_cond_of(model).to(cond), cfg_scale)
+        scale = self.scale
+        if scale is None:
+            scale = self.method.default_scale(cfg_scale if cfg else None)
+        return GuidanceRun(
+            model=model,
+            cfg=cfg,
+            base=base,
+            loss_fn=loss_fn,
+            cond=cond,
+            config=self,
+            method=self.method,
+            engine=self.engine,
+            scale=float(scale),
+            guided=tuple(self.guided_steps()),
+            counts=tuple(self.repeat_counts()),
+        )
 
     @classmethod
     def resolve(

@@ -77,12 +77,11 @@ from ..core.frames import per_sample
 from .methods import (
     GUIDANCE,
     GuidanceMethod,
-    GuidanceRun,
-    GuidedStep,
     backward_shift,
     per_sample_loss,
     rms_step_size,
 )
+from .step import GuidanceRun, GuidedStep
 
 __all__ = [
     "Terms",
@@ -204,7 +203,7 @@ class UnifiedGuidance(GuidanceMethod):
             step.x0,
             steps=terms.iterations,
             scale=scale,
-            per_batch=run.per_batch,
+            per_batch=run.config.per_batch,
         )
         return run.frame.shift_x0(run.schedule, step.t, step.pred, shift)
 
@@ -216,7 +215,7 @@ class UnifiedGuidance(GuidanceMethod):
         _, g = step.gradient
         delta = step.cfg_difference if step.cfg_difference is not None else x_s - step.x_t
         scale = terms.rho * self._weight(run, step.k, terms.rho_schedule)
-        rho = rms_step_size(delta, g, scale=scale, per_batch=run.per_batch)
+        rho = rms_step_size(delta, g, scale=scale, per_batch=run.config.per_batch)
         return x_s - per_sample(rho, x_s) * g
 
 

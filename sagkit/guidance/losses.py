@@ -8,7 +8,7 @@ differentiable in x and is non-negative (so the DPS step rule ζ/sqrt(L) of
 - ``features(x)``: (B, F) penultimate features,
 - ``feature_maps(x)``: a list of (B, C_l, H_l, W_l) convolutional activations,
 
-such as ``sk.load_classifier("digits")``. Reference images are (C, H, W) or (1, C, H, W).
+such as ``sk.digits.load_classifier("digits")``. Reference images are (C, H, W) or (1, C, H, W).
 
 These are the guidance tasks of FreeDoM (Yu et al. 2023, "FreeDoM: Training-Free Energy-Guided
 Conditional Diffusion Model": classifier, style, face identity, inpainting-like

@@ -60,23 +60,22 @@ overrides what it changes, registered in :data:`GUIDANCE` under its ``name``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..core.checks import check_scale, require
+from ..core.checks import require
 from ..core.estimates import rms
-from ..core.frames import get_frame, ode_frame, per_sample, velocity_of
+from ..core.frames import per_sample
 from ..core.registry import Registry
 from ..core.schedules import time_grid
 from ..gradients.api import GradientMethod, resolve_engine, run_engine
 
+if TYPE_CHECKING:
+    from .step import GuidanceRun, GuidedStep
+
 __all__ = [
-    "GuidedStep",
-    "GuidanceRun",
     "GuidanceMethod",
     "GradientGuidance",
     "Unguided",
@@ -87,144 +86,12 @@ __all__ = [
     "GUIDANCE",
     "estimate_times",
     "guidance_gradient",
+    "estimate_loss_grad",
     "rms_step_size",
     "dps_step_size",
     "backward_shift",
     "per_sample_loss",
 ]
-
-
-@dataclass(frozen=True)
-class GuidedStep:
-    """A step k as a method sees it: the network's evaluation at x_t, and what came with it.
-
-    Attributes:
-        k: the step's index; ``t`` its time t_k.
-        x_t: (B, ...) the state entering the step (after any time travel).
-        pred: (B, ...) F(x_t), the network's prediction in the schedule's ODE frame (ε for VP
-            schedules, the velocity for flow schedules; under CFG the guided one), without a
-            graph: the base step's F.
-        x0: (B, ...) its one-step estimate (:meth:`GuidanceRun.x0`).
-        cfg_difference: (B, ...) Δ = ε_c − ε_u of that call under CFG, in ε units whatever
-            the frame (:meth:`~sagkit.core.frames.Frame.eps_difference`), else ``None``.
-        gradient: ``(L (B,), g (B, ...))`` of the method's estimate at x_t, when the method
-            computed it with ε (:meth:`GuidanceRun.evaluate_with_gradient`), else ``None``.
-    """
-
-    k: int
-    t: float
-    x_t: torch.Tensor
-    pred: torch.Tensor
-    x0: torch.Tensor
-    cfg_difference: torch.Tensor | None
-    gradient: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class GuidanceRun:
-    """What stays fixed over one guided run, built once by the sampler from the configuration.
-
-    Attributes:
-        model: the model of every network call (classifier-free guidance around the user's
-            model under CFG, ``cfg`` true).
-        base: the base sampler (:func:`sagkit.guidance.base.make_base`).
-        loss_fn: images (B, ...) → (B,) values.
-        cond: (B, ...) the conditioning of every network call, or ``None``.
-        n: the estimate's steps; ``estimate_grid`` its grid (:func:`estimate_times`).
-        engine: the gradient engine (a :class:`~sagkit.GradientMethod`).
-        scale: the step rule's constant (c or ζ), resolved.
-        per_batch: one step size for the batch instead of one per sample.
-        backward_steps: backward guidance's descent steps m.
-        reuse_eps: the base step takes F(x_t) from the estimate's first network call.
-    """
-
-    model: object
-    cfg: bool
-    base: object
-    loss_fn: Callable
-    cond: torch.Tensor | None
-    n: int
-    estimate_grid: str
-    engine: GradientMethod
-    scale: float
-    per_batch: bool
-    backward_steps: int
-    reuse_eps: bool
-
-    @classmethod
-    def from_config(
-        cls, config, model, *, cfg: bool, cfg_scale: float, base, loss_fn, cond
-    ) -> GuidanceRun:
-        """The run of a :class:`~sagkit.guidance.config.GuidanceConfig`: its fields, and its
-        scale or the method's default for ``cfg_scale`` (w, under CFG only)."""
-        scale = config.scale
-        if scale is None:
-            scale = config.method.default_scale(cfg_scale if cfg else None)
-        return cls(
-            model=model,
-            cfg=cfg,
-            base=base,
-            loss_fn=loss_fn,
-            cond=cond,
-            n=config.n,
-            estimate_grid=config.estimate_grid,
-            engine=config.engine,
-            scale=check_scale(scale, "scale"),
-            per_batch=config.per_batch,
-            backward_steps=config.backward_steps,
-            reuse_eps=config.reuse_eps,
-        )
-
-    @property
-    def schedule(self):
-        return self.model.schedule
-
-    @property
-    def frame(self):
-        """The frame of the schedule's ODE, in which F is predicted (:func:`ode_frame`)."""
-        return ode_frame(self.model.schedule)
-
-    def x0(self, x_t: torch.Tensor, t: float, pred: torch.Tensor) -> torch.Tensor:
-        """The one-step estimate from F at (x_t, t): (x_t − σ_t ε)/α_t for VP schedules,
-        (x_t − σ_t v)/(α_t + σ_t) for flow schedules; shape of x_t. (docs/maths.md §2.5)"""
-        return self.frame.x0(self.schedule, x_t, t, pred)
-
-    def pred_of_x0(self, x_t: torch.Tensor, t: float, x0: torch.Tensor) -> torch.Tensor:
-        """The F at x_t whose one-step estimate is ``x0``: (x_t − α_t x0)/σ_t for VP
-        schedules, (x_t − (α_t + σ_t) x0)/σ_t for flow schedules. (docs/maths.md §2.5)"""
-        return self.frame.pred_of_x0(self.schedule, x_t, t, x0)
-
-    def evaluate(self, k: int, x_t: torch.Tensor) -> GuidedStep:
-        """The base step's own network call at x_t (no gradient)."""
-        t, network = self.base.times[k], _FirstCall(self.model, self.cfg, self.base.times[k])
-        with torch.no_grad():
-            self.base.predict(network, x_t, k, self.cond)
-            pred, difference = network.first
-            return GuidedStep(k, t, x_t, pred, self.x0(x_t, t, pred), difference)
-
-    def evaluate_with_gradient(self, k: int, x_t: torch.Tensor, n: int) -> GuidedStep:
-        """The network at x_t and the gradient of the n-step estimate there, sharing ε(x_t).
-
-        The estimate's first network call is F(x_t) (every solver's first stage is at the
-        step's start): its output, detached, is the base step's F, so the step costs the
-        engine's calls and no more (docs/maths.md §8.8). With ``reuse_eps`` off the base
-        step calls the network itself, for comparison.
-        """
-        t = self.base.times[k]
-        grid = estimate_times(
-            self.base.times, k, n, grid=self.estimate_grid, schedule=self.schedule
-        )
-        model = _FirstCall(self.model, self.cfg, t)
-        loss, g = guidance_gradient(
-            model, self.loss_fn, x_t, t, cond=self.cond, ts=grid, gradient=self.engine
-        )
-        require(torch.isfinite(g).all(), lambda: "the guidance gradient holds NaN or inf")
-        if not self.reuse_eps:
-            return dataclasses.replace(self.evaluate(k, x_t), gradient=(loss, g))
-        pred, difference = model.first
-        with torch.no_grad():
-            x0 = self.x0(x_t, t, pred)
-        return GuidedStep(k, t, x_t, pred, x0, difference, (loss, g))
 
 
 class GuidanceMethod:
@@ -291,7 +158,7 @@ class GradientGuidance(GuidanceMethod):
 
     def evaluate(self, run: GuidanceRun, k: int, x_t: torch.Tensor) -> GuidedStep:
         """ε(x_t) together with the gradient of the method's estimate, one evaluation shared."""
-        return run.evaluate_with_gradient(k, x_t, self.estimate_steps(run.n))
+        return run.evaluate_with_gradient(k, x_t, self.estimate_steps(run.config.n))
 
     def correct(self, run: GuidanceRun, step: GuidedStep, x_s: torch.Tensor) -> torch.Tensor:
         loss, g = step.gradient
@@ -314,7 +181,7 @@ class FreeDoM(GradientGuidance):
     def step_size(self, run, step, x_s, loss, g):
         """ρ = c · RMS(Δ)/RMS(g), Δ = ε_c − ε_u under CFG, else the base update x_s − x_t."""
         delta = step.cfg_difference if step.cfg_difference is not None else x_s - step.x_t
-        return rms_step_size(delta, g, scale=run.scale, per_batch=run.per_batch)
+        return rms_step_size(delta, g, scale=run.scale, per_batch=run.config.per_batch)
 
 
 class SAG(FreeDoM):
@@ -340,7 +207,7 @@ class DPS(GradientGuidance):
         return 3.0
 
     def step_size(self, run, step, x_s, loss, g):
-        return dps_step_size(loss, scale=run.scale, per_batch=run.per_batch)
+        return dps_step_size(loss, scale=run.scale, per_batch=run.config.per_batch)
 
 
 class Backward(GuidanceMethod):
@@ -359,7 +226,11 @@ class Backward(GuidanceMethod):
         """The F whose one-step estimate is x̂0 + Δ, Δ from :func:`backward_shift`:
         ε − (α_t/σ_t) Δ for VP schedules (:meth:`~sagkit.core.frames.Frame.shift_x0`)."""
         shift = backward_shift(
-            run.loss_fn, step.x0, steps=run.backward_steps, scale=run.scale, per_batch=run.per_batch
+            run.loss_fn,
+            step.x0,
+            steps=run.config.backward_steps,
+            scale=run.scale,
+            per_batch=run.config.per_batch,
         )
         return run.frame.shift_x0(run.schedule, step.t, step.pred, shift)
 
@@ -381,11 +252,11 @@ def estimate_times(times: Sequence[float], k: int, n: int, *, grid: str, schedul
     (docs/maths.md §8.2)
     """
     t = float(times[k])
-    if grid == "to-zero":
-        return time_grid(schedule, t, 0.0, n)
+    if grid == "to-zero":  # time_grid(schedule, t, 0, n), without its checks
+        return torch.linspace(t, 0.0, n + 1, dtype=torch.float64)
     remaining = torch.as_tensor(times[k:-1], dtype=torch.float64)  # t_k … t_{K−1}
     if n == 1 or remaining.numel() == 1:
-        return time_grid(schedule, t, 0.0, 1)
+        return torch.tensor([t, 0.0], dtype=torch.float64)
     points = min(n + 1, remaining.numel())
     index = torch.linspace(0, remaining.numel() - 1, points, dtype=torch.long)  # rounded down
     return remaining[index]
@@ -420,6 +291,15 @@ def guidance_gradient(
 
     (docs/maths.md §8.2)
     """
+    ts = time_grid(model.schedule, float(t), 0.0, n) if ts is None else ts
+    return estimate_loss_grad(resolve_engine(gradient), model, loss_fn, x_t, ts, cond=cond)
+
+
+def estimate_loss_grad(
+    engine: GradientMethod, model, loss_fn: Callable, x_t: torch.Tensor, ts, *, cond=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`guidance_gradient` on a resolved ``engine`` and grid ``ts``, unchecked: the
+    guided step's call. ``(L (B,), g (B, ...))``."""
     values = []
 
     def recorded(x0):
@@ -427,8 +307,7 @@ def guidance_gradient(
         values.append(value.detach())
         return value
 
-    ts = time_grid(model.schedule, float(t), 0.0, n) if ts is None else ts
-    _, (g,) = run_engine(resolve_engine(gradient), model, recorded, x_t, ts, cond=cond)
+    _, (g,) = run_engine(engine, model, recorded, x_t, ts, cond=cond)
     return values[-1], g
 
 
@@ -480,52 +359,3 @@ def backward_shift(
         step = torch.where(size > 0, scale / size.clamp(min=1e-30), 0.0)
         delta = delta - per_sample(step, grad) * grad
     return delta
-
-
-class _FirstCall:
-    """A model that passes every call on to ``model`` and keeps the first call's output,
-    detached, as ``first = (F, Δ)``: F the prediction the call was for (ε or the velocity),
-    Δ = ε_c − ε_u of that call under classifier-free guidance (``cfg``; ``model`` is then a
-    :class:`~sagkit.ClassifierFreeGuidance`) in ε units at the first call's time ``t``, else
-    ``None``. It checks that F is finite (deferred, :func:`~sagkit.core.checks.require`)."""
-
-    def __init__(self, model, cfg: bool, t: float):
-        self.model, self.schedule, self.cfg, self.t, self.first = (
-            model,
-            model.schedule,
-            cfg,
-            t,
-            None,
-        )
-
-    def eps(self, x, t, cond=None):
-        return self._call("eps", x, t, cond)
-
-    def velocity(self, x, t, cond=None):
-        return self._call("velocity", x, t, cond)
-
-    def _call(self, kind: str, x, t, cond):
-        if self.first is not None:
-            return _predict(self.model, kind, x, t, cond)
-        if self.cfg:
-            pred, difference = self.model.predict_and_difference(x, t, cond, kind=kind)
-            frame = get_frame(kind)
-            difference = frame.eps_difference(self.schedule, self.t, difference.detach())
-            self.first = (pred.detach(), difference)
-        else:
-            pred = _predict(self.model, kind, x, t, cond)
-            self.first = (pred.detach(), None)
-        shown = "ε(x_t)" if kind == "eps" else "velocity v(x_t)"
-        require(
-            torch.isfinite(self.first[0]).all(), lambda: f"the network's {shown} holds NaN or inf"
-        )
-        return pred
-
-    def __getattr__(self, name):  # parameters() and buffers(): the engines exclude them
-        if name == "model":
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-
-def _predict(model, kind: str, x, t, cond):
-    return model.eps(x, t, cond) if kind == "eps" else velocity_of(model, x, t, cond)

@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from ..core.tilted import ExactGuidance
-from .methods import GuidanceMethod, GuidanceRun, GuidedStep
+from .methods import GuidanceMethod
+from .step import GuidanceRun, GuidedStep
 
 __all__ = ["Oracle"]
 

@@ -63,7 +63,7 @@ class Preset:
         if config is None:
             raise ValueError(
                 f"preset {self.name!r} builds its sampler from the model's diffusers scheduler: "
-                "the model needs a .scheduler (e.g. sk.load_pretrained('digits'))"
+                "the model needs a .scheduler (e.g. sk.digits.load_pretrained('digits'))"
             )
         class_name, overrides = self.scheduler
         scheduler_class = getattr(importlib.import_module("diffusers"), class_name)

@@ -11,12 +11,15 @@ chooses the estimate, the step size ρ_t, or how it changes ε instead; the choi
 are one :class:`~sagkit.guidance.config.GuidanceConfig`. Time travel and the guidance window
 are in :mod:`sagkit.guidance.travel`.
 
-:func:`guided_sample` checks its inputs once and runs :func:`run_guided`, the loop, which
-checks nothing. The loop does not synchronise host and device: its value checks are deferred to
-one check at the end (:func:`sagkit.core.checks.deferred_checks`). Each step checks, in this
-order, that the network's ε(x_t), the estimate, the loss, the guidance gradient and the new
-state are finite (and DPS's loss non-negative); the first that failed is raised, naming the
-step, its time and the quantity.
+:func:`guided_sample` checks its inputs once, coerces ``config``, ``preset`` and the options
+into one :class:`~sagkit.guidance.config.GuidanceConfig`, binds it to the model, loss and
+conditioning (:meth:`~sagkit.guidance.config.GuidanceConfig.bind`) and runs
+:func:`run_guided`, the loop, which checks nothing. **One guided step, top to bottom, is
+:mod:`sagkit.guidance.step`.** The loop does not synchronise host and device: its value
+checks are deferred to one check at the end (:func:`sagkit.core.checks.deferred_checks`).
+Each step checks, in this order, that the network's ε(x_t), the estimate, the loss, the
+guidance gradient and the new state are finite (and DPS's loss non-negative); the first that
+failed is raised, naming the step, its time and the quantity.
 """
 
 from __future__ import annotations
@@ -26,18 +29,12 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import (
-    check_cond,
-    check_inputs,
-    deferred_checks,
-    labelled,
-    require,
-)
-from ..core.models import ClassifierFreeGuidance, null_cond_of
-from .base import make_base
+from ..bridges import moved_names
+from ..core.checks import check_cond, check_inputs, deferred_checks
+from ..core.models import null_cond_of
 from .config import GuidanceConfig
-from .methods import GuidanceRun, Unguided, per_sample_loss
-from .travel import renoise
+from .methods import per_sample_loss
+from .step import GuidanceRun, take_step
 
 __all__ = ["guided_sample", "run_guided"]
 
@@ -62,7 +59,7 @@ def guided_sample(
     or one resolved from sagkit's defaults, the ``preset`` and the ``options`` given.
 
     Args:
-        model: a model of the protocol (e.g. ``sk.load_pretrained("digits")``). Without
+        model: a model of the protocol (e.g. ``sk.digits.load_pretrained("digits")``). Without
             ``cond``, a model with a ``null_cond`` is run on it (unconditional sampling).
         loss_fn: images (B, ...) → (B,) non-negative values (see :mod:`sagkit.guidance.losses`);
             may be ``None`` for ``guidance="none"``.
@@ -90,18 +87,26 @@ def guided_sample(
     (docs/maths.md §8.1)
     """
     check_inputs(model, x_T, cond=cond, x_name="x_T")
-    if config is None:
-        config = GuidanceConfig.resolve(preset=preset, model=model, cond=cond, **options)
-    elif preset is not None:
-        raise ValueError("give config or preset, not both (GuidanceConfig.resolve takes a preset)")
-    elif not isinstance(config, GuidanceConfig):
-        raise TypeError(f"config must be a GuidanceConfig, got {type(config).__name__}")
-    else:
-        config = config.replace(**options)
+    config = GuidanceConfig.coerce(config, preset=preset, model=model, cond=cond, **options)
+    cond, cfg = _checked_call(model, loss_fn, x_T, config, cond=cond, return_losses=return_losses)
+    run = config.bind(model, loss_fn, cond=cond, cfg=cfg, device=x_T.device)
+    return run_guided(
+        run,
+        x_T,
+        generator=generator,
+        progress=progress,
+        return_trajectory=return_trajectory,
+        return_losses=return_losses,
+    )
+
+
+def _checked_call(model, loss_fn, x_T, config, *, cond, return_losses):
+    """The checks of a call that need its configuration; returns the (B, ...) conditioning of
+    every network call (``cond``, or the model's ``null_cond``, or ``None``) and whether the
+    sampler is classifier-free guidance."""
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
-    guided = any(config.guided_steps())
-    if loss_fn is None and (guided or return_losses):
+    if loss_fn is None and (any(config.guided_steps()) or return_losses):
         raise ValueError(
             f"loss_fn is needed for guidance={config.method.name!r} and for return_losses"
         )
@@ -120,20 +125,7 @@ def guided_sample(
     if loss_fn is not None:
         with torch.no_grad():
             per_sample_loss(loss_fn, x_T)  # fail early on a wrong shape or reference
-    base = make_base(config.sampler, model, config.steps, device=x_T.device)
-    return run_guided(
-        model,
-        loss_fn,
-        x_T,
-        config,
-        base=base,
-        cond=cond,
-        cfg=cfg,
-        generator=generator,
-        progress=progress,
-        return_trajectory=return_trajectory,
-        return_losses=return_losses,
-    )
+    return cond, cfg
 
 
 def _batch_cond(cond, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -143,68 +135,30 @@ def _batch_cond(cond, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def run_guided(
-    model,
-    loss_fn,
-    x_T,
-    config: GuidanceConfig,
+    run: GuidanceRun,
+    x_T: torch.Tensor,
     *,
-    base,
-    cond,
-    cfg: bool,
-    generator,
-    progress: bool,
-    return_trajectory: bool,
-    return_losses: bool,
+    generator=None,
+    progress: bool = True,
+    return_trajectory: bool = False,
+    return_losses: bool = False,
 ):
-    """The guided loop of :func:`guided_sample`, without its checks.
-
-    ``base`` is the base sampler (:func:`sagkit.guidance.base.make_base`); ``cond`` the
-    (B, ...) conditioning of every call, or ``None``; ``cfg`` whether the sampler is
-    classifier-free guidance around ``model.null_cond`` with w = ``config.cfg_scale``
-    (default 1). A step outside the window is taken by :class:`Unguided`, a step inside it by
-    the configured method; each step asks its method for the network's evaluation, the F of
-    the base update, and the state after it.
+    """The guided loop of :func:`guided_sample` on a bound run
+    (:meth:`~sagkit.guidance.config.GuidanceConfig.bind`), without its checks: each step is
+    :func:`~sagkit.guidance.step.take_step`. No host–device synchronisation inside the loop:
+    the values are checked once at the end (:func:`~sagkit.core.checks.deferred_checks`).
 
     (docs/maths.md §8.1)
     """
-    method, guided, counts = config.method, config.guided_steps(), config.repeat_counts()
-    cfg_scale = 1.0 if config.cfg_scale is None else config.cfg_scale
-    if cfg:
-        model = ClassifierFreeGuidance(model, null_cond_of(model).to(x_T), cfg_scale)
-    run = GuidanceRun.from_config(
-        config, model, cfg=cfg, cfg_scale=cfg_scale, base=base, loss_fn=loss_fn, cond=cond
-    )
-    unguided, schedule, times = Unguided(), model.schedule, base.times
-    x = base.start(x_T)
-    trajectory, losses = [x], []
-    with deferred_checks():  # no host–device sync inside the loop
+    x = run.base.start(x_T)
+    trajectory, losses = [x], [] if return_losses else None
+    with deferred_checks():
+        steps = len(run.counts)
         bar = tqdm(
-            range(config.steps), desc=f"guidance {method.name}", disable=not progress, leave=False
+            range(steps), desc=f"guidance {run.method.name}", disable=not progress, leave=False
         )
         for k in bar:
-            t, s = times[k], times[k + 1]
-            state = base.save() if counts[k] > 1 else None
-            step_method = method if guided[k] else unguided
-            x_t = x
-            for r in range(counts[k]):
-                label = f"step {k} of {config.steps} (t = {t:.4g}" + (
-                    f", repeat {r})" if r else ")"
-                )
-                with labelled(label):
-                    if r:
-                        base.load(state)
-                        x_t = renoise(schedule, x, s, t, generator=generator)
-                    step = step_method.evaluate(run, k, x_t)
-                    if return_losses and r == 0:
-                        with torch.no_grad():
-                            losses.append(per_sample_loss(loss_fn, step.x0))
-                    pred = step_method.shift_pred(run, step)
-                    with torch.no_grad():
-                        x = base.update(x_t, k, pred, generator=generator)
-                    x = step_method.correct(run, step, x)
-                    require(
-                        torch.isfinite(x).all(), lambda: "the state after the step holds NaN or inf"
-                    )
+            x = take_step(run, k, x, generator=generator, losses=losses)
             if return_trajectory:
                 trajectory.append(x)
         extras = []
@@ -212,6 +166,9 @@ def run_guided(
             extras.append(torch.stack(trajectory))
         if return_losses:
             with torch.no_grad():
-                losses.append(per_sample_loss(loss_fn, x))
+                losses.append(per_sample_loss(run.loss_fn, x))
             extras.append(torch.stack(losses))
     return (x, *extras) if extras else x
+
+
+__getattr__ = moved_names(__name__)  # names that lived here in 0.2 (sagkit.bridges)

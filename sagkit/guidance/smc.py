@@ -42,9 +42,8 @@ from ..core.checks import check_count, check_inputs, check_scale
 from ..core.estimates import estimate_x0
 from ..core.models import null_cond_of
 from ..core.tilted import ExactGuidance
-from .base import make_base
 from .config import GuidanceConfig
-from .methods import GuidanceRun, Unguided, per_sample_loss
+from .methods import Unguided, per_sample_loss
 
 __all__ = [
     "ExactTwist",
@@ -252,12 +251,10 @@ def sample_smc(
     config = _smc_config(guidance, steps, sampler, options)
     with torch.no_grad():
         per_sample_loss(loss_fn, x_T[0, :1])  # fail early on a wrong shape or reference
-    cond = _particle_cond(model, x_T)
-    base = make_base(config.sampler, model, config.steps, device=x_T.device)
+    run = config.bind(model, loss_fn, cond=_particle_cond(model, x_T), device=x_T.device)
     return _run_smc(
-        model, loss_fn, x_T, twist, config, base=base, cond=cond,
-        ess_threshold=ess_threshold, generator=generator, progress=progress,
-    )  # fmt: skip
+        run, x_T, twist, ess_threshold=ess_threshold, generator=generator, progress=progress
+    )
 
 
 def _check_smc_inputs(model, loss_fn, x_T, twist, ess_threshold) -> float:
@@ -301,17 +298,12 @@ def _particle_cond(model, x_T):
     )
 
 
-def _run_smc(
-    model, loss_fn, x_T, twist, config, *, base, cond, ess_threshold, generator, progress
-) -> SMCResult:
+def _run_smc(run, x_T, twist, *, ess_threshold, generator, progress) -> SMCResult:
     """:func:`sample_smc`'s loop on checked inputs: the weights start at φ_{t_0}; each step
     resamples the runs whose ESS fell below ``ess_threshold`` · N (:func:`_resample_runs`),
     moves the particles by the proposal (:func:`_propose`) and reweights them by
     p/q · φ_s/φ_t (:func:`_log_twist` for φ_s). (docs/maths.md §14.8)"""
-    method, guided = config.method, config.guided_steps()
-    run = GuidanceRun.from_config(  # the proposal, without CFG
-        config, model, cfg=False, cfg_scale=1.0, base=base, loss_fn=loss_fn, cond=cond
-    )
+    model, loss_fn, cond, base = run.model, run.loss_fn, run.cond, run.base  # the proposal's
     rows, n, shape = x_T.shape[0], x_T.shape[1], x_T.shape[2:]
     times, schedule, unguided = base.times, model.schedule, Unguided()
     x = base.start(x_T.reshape(rows * n, *shape))
@@ -319,7 +311,8 @@ def _run_smc(
     log_w = log_phi.clone()
     log_z = torch.zeros(rows, dtype=torch.float64, device=x.device)
     ess_history, resampled_history = [], []
-    bar = tqdm(range(config.steps), desc=f"smc {method.name}", disable=not progress, leave=False)
+    steps = len(run.counts)
+    bar = tqdm(range(steps), desc=f"smc {run.method.name}", disable=not progress, leave=False)
     for k in bar:
         t, s = times[k], times[k + 1]
         ess = effective_sample_size(log_w)
@@ -328,9 +321,9 @@ def _run_smc(
         resampled_history.append(resample)
         if bool(resample.any()):
             x, log_phi, log_w, log_z = _resample_runs(x, log_phi, log_w, log_z, resample, generator)
-        step_method = method if guided[k] else unguided
+        step_method = run.method if run.guided[k] else unguided
         x_s, log_ratio = _propose(run, step_method, k, x, t, s, schedule, generator)
-        final = k == config.steps - 1
+        final = k == steps - 1
         log_phi_s = _log_twist(model, loss_fn, twist, x_s, s, cond, final=final).reshape(rows, n)
         log_w = log_w + log_ratio.reshape(rows, n) + log_phi_s - log_phi
         x, log_phi = x_s, log_phi_s

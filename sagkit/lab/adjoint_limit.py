@@ -93,6 +93,52 @@ def _distance(path: torch.Tensor, reference: torch.Tensor) -> float:
     return float(diff / reference.flatten(1).norm(dim=1).max())
 
 
+def _check_nested(reference_steps, ns, *, fit_last) -> tuple[int, list[int]]:
+    """Refuse counts below their minimum and an n that does not divide ``reference_steps``;
+    return both as ints."""
+    big = check_count(reference_steps, "reference_steps", low=2)
+    ns = [check_count(n, "ns") for n in ns]
+    if not ns or any(big % n for n in ns):
+        raise ValueError(
+            f"each of ns must divide reference_steps={big} (nested grids), got {list(ns)}"
+        )
+    check_count(fit_last, "fit_last", low=2)
+    return big, ns
+
+
+def _rk4_reference(model, loss_fn, x, fine, *, cond, bar) -> tuple[torch.Tensor, float]:
+    """The continuous adjoint a_x on the grid ``fine``: RK4's discrete adjoint there, and its
+    error, the distance to RK4's on every other point; the ``bar`` advances after each."""
+    _, ref = _discrete_adjoint(model, loss_fn, x, fine, cond=cond, solver="rk4")
+    bar.update()
+    _, half = _discrete_adjoint(model, loss_fn, x, fine[::2], cond=cond, solver="rk4")
+    bar.update()
+    return ref, _distance(half, ref[::2])
+
+
+def _path(schedule, ts, adjoints: torch.Tensor) -> dict:
+    """An adjoint (K, B, ...) on the grid ``ts`` as it is plotted: ``times`` t_k,
+    ``half_log_snr`` log(α/σ) at t_k, ``norms`` ‖λ_k‖ over the batch (float64)."""
+    norms = adjoints.flatten(1).norm(dim=1).double()
+    return {"times": ts, "half_log_snr": schedule.lam(ts), "norms": norms}
+
+
+def _coarse_adjoints(model, loss_fn, x, fine, ref, ns, *, cond, solver, bar) -> dict:
+    """The discrete adjoint of ``solver`` on each grid ``fine[::N // n]`` (N steps in ``fine``)
+    against ``ref`` on the same times: :func:`adjoint_limit`'s ``ns``, ``times``,
+    ``half_log_snr``, ``norms`` and ``distance``; the ``bar`` advances after each n."""
+    big = len(fine) - 1
+    out = {"ns": ns, "times": {}, "half_log_snr": {}, "norms": {}, "distance": {}}
+    for n in ns:
+        ts = fine[:: big // n]
+        _, lams = _discrete_adjoint(model, loss_fn, x, ts, cond=cond, solver=solver)
+        for key, value in _path(model.schedule, ts, lams).items():
+            out[key][n] = value
+        out["distance"][n] = _distance(lams, ref[:: big // n])
+        bar.update()
+    return out
+
+
 def adjoint_limit(
     model,
     loss_fn,
@@ -131,39 +177,15 @@ def adjoint_limit(
     """
     check_inputs(model, x, cond=cond)
     SOLVERS[solver]
-    big = check_count(reference_steps, "reference_steps", low=2)
-    ns = [check_count(n, "ns") for n in ns]
-    if not ns or any(big % n for n in ns):
-        raise ValueError(
-            f"each of ns must divide reference_steps={big} (nested grids), got {list(ns)}"
-        )
-    check_count(fit_last, "fit_last", low=2)
+    big, ns = _check_nested(reference_steps, ns, fit_last=fit_last)
     fine = time_grid(model.schedule, t_start, t_end, big, spacing=spacing)
-    sc = model.schedule
     bar = tqdm(total=len(ns) + 2, desc="adjoint limit", disable=not progress, leave=False)
-    _, ref = _discrete_adjoint(model, loss_fn, x, fine, cond=cond, solver="rk4")
-    bar.update()
-    _, half = _discrete_adjoint(model, loss_fn, x, fine[::2], cond=cond, solver="rk4")
-    bar.update()
-    out = {"ns": ns, "times": {}, "half_log_snr": {}, "norms": {}, "distance": {}}
-    for n in ns:
-        ts = fine[:: big // n]
-        _, lams = _discrete_adjoint(model, loss_fn, x, ts, cond=cond, solver=solver)
-        out["times"][n] = ts
-        out["half_log_snr"][n] = sc.lam(ts)
-        out["norms"][n] = lams.flatten(1).norm(dim=1).double()
-        out["distance"][n] = _distance(lams, ref[:: big // n])
-        bar.update()
+    ref, ref_error = _rk4_reference(model, loss_fn, x, fine, cond=cond, bar=bar)
+    out = _coarse_adjoints(model, loss_fn, x, fine, ref, ns, cond=cond, solver=solver, bar=bar)
     bar.close()
     last = ns[-min(fit_last, len(ns)) :]
     out["order"] = fit_slope(last, [out["distance"][n] for n in last], last=len(last))
-    out["reference"] = {
-        "times": fine,
-        "half_log_snr": sc.lam(fine),
-        "norms": ref.flatten(1).norm(dim=1).double(),
-        "steps": big,
-        "error": _distance(half, ref[::2]),
-    }
+    out["reference"] = {**_path(model.schedule, fine, ref), "steps": big, "error": ref_error}
     return out
 
 
@@ -264,6 +286,69 @@ def _deviation(model, x, t: float, v, *, cond) -> float:
     return float((vjp - sigma * v).norm() / (sigma * v.norm()))
 
 
+def _check_segment(start, stop, *, steps: int) -> tuple[int, int]:
+    """Refuse a segment that is empty or not within the ``steps`` steps of the grid."""
+    start, stop = check_count(start, "start", low=0), check_count(stop, "stop")
+    if not start < stop <= steps:
+        raise ValueError(f"need 0 <= start < stop <= {steps} (steps of ts), got {start}, {stop}")
+    return start, stop
+
+
+def _measured_ratios(model, x0, target, seg, *, cond) -> dict:
+    """λ_stop = ``target`` carried back from ``seg[-1]`` to x0 at ``seg[0]`` by backprop through
+    DDIM and by each AdjointDEIS: ``ratio`` and ``cosine`` {method} against DDIM, and
+    ``ddim_factor`` ‖g_ddim‖/‖λ_stop‖."""
+
+    def linear(y):
+        return (target * y).flatten(1).sum(1)
+
+    g_ddim = loss_grad(model, linear, x0, seg, method="backprop", cond=cond)[1]
+    out = {"ratio": {}, "cosine": {}, "ddim_factor": float(g_ddim.norm() / target.norm())}
+    for order in (1, 2):
+        for param in ("eps", "data"):
+            g = adjointdeis_grad(
+                model, linear, x0, seg, order=order, parameterisation=param, cond=cond
+            )[1]
+            label = f"adjointdeis-{'1' if order == 1 else '2M'} ({param})"
+            out["ratio"][label] = float(g.norm() / g_ddim.norm())
+            out["cosine"][label] = float((g * g_ddim).sum() / (g.norm() * g_ddim.norm()))
+    return out
+
+
+def _deviations(model, states, lams, ts, steps, *, cond) -> dict[str, torch.Tensor]:
+    """The δ of :func:`_deviation` in each of ``steps``, with λ_{k+1}: at x^{(k+1)}, where
+    AdjointDEIS evaluates the network ("adjoint"), and at x^{(k)}, where DDIM does ("ddim")."""
+    dev = {
+        "adjoint": [
+            _deviation(model, states[k + 1], float(ts[k + 1]), lams[k + 1], cond=cond)
+            for k in steps
+        ],
+        "ddim": [_deviation(model, states[k], float(ts[k]), lams[k + 1], cond=cond) for k in steps],
+    }
+    return {key: torch.tensor(v, dtype=torch.float64) for key, v in dev.items()}
+
+
+def _predicted_ratios(schedule, seg, deviation: dict) -> tuple[dict, dict]:
+    """The unit-variance prediction |Π F_k / Π J_k| of the two AdjointDEIS-1 ratios over the
+    segment ``seg`` and its first-order tolerance Σ_k (w_k δ_k^{adjoint} + w'_k δ_k^{ddim})
+    from the ``deviation`` of :func:`_deviations` (the weights of :func:`segment_ratios`)."""
+    f = step_factors(schedule, seg, variance=1.0)
+    r_eps, r_data, ddim = f["linear part (eps)"], f["linear part (data)"], f["ddim (backprop)"]
+    q_t = schedule.alpha(seg[1:]) ** 2
+    e_h = r_data / r_eps  # (σ_t/σ_s)/(α_t/α_s) = e^{λ_s − λ_t}
+    F_eps, F_data = f["adjointdeis-1 (eps)"], f["adjointdeis-1 (data)"]
+    weights = {
+        "adjointdeis-1 (eps)": ((F_eps - r_eps) / F_eps).abs(),
+        "adjointdeis-1 (data)": (r_data * (1 - e_h) * (1 - q_t) / F_data).abs(),
+    }
+    w_ddim = ((ddim - r_eps) / ddim).abs()
+    predicted, tolerance = {}, {}
+    for label, w in weights.items():
+        predicted[label] = abs(float(f[label].prod() / ddim.prod()))
+        tolerance[label] = float((w * deviation["adjoint"] + w_ddim * deviation["ddim"]).sum())
+    return predicted, tolerance
+
+
 def segment_ratios(
     model, loss_fn, x: torch.Tensor, ts, *, start: int, stop: int, cond=None
 ) -> dict:
@@ -298,50 +383,10 @@ def segment_ratios(
     """
     check_inputs(model, x, cond=cond)
     ts = check_grid(ts)
-    n = len(ts) - 1
-    start, stop = check_count(start, "start", low=0), check_count(stop, "stop")
-    if not start < stop <= n:
-        raise ValueError(f"need 0 <= start < stop <= {n} (steps of ts), got {start}, {stop}")
+    start, stop = _check_segment(start, stop, steps=len(ts) - 1)
     states, lams = _discrete_adjoint(model, loss_fn, x, ts, cond=cond, solver="ddim")
-    target = lams[stop]
-
-    def linear(y):
-        return (target * y).flatten(1).sum(1)
-
-    seg, x0 = ts[start : stop + 1], states[start]
-    g_ddim = loss_grad(model, linear, x0, seg, method="backprop", cond=cond)[1]
-    out = {"ratio": {}, "cosine": {}, "ddim_factor": float(g_ddim.norm() / target.norm())}
-    for order in (1, 2):
-        for param in ("eps", "data"):
-            g = adjointdeis_grad(
-                model, linear, x0, seg, order=order, parameterisation=param, cond=cond
-            )[1]
-            label = f"adjointdeis-{'1' if order == 1 else '2M'} ({param})"
-            out["ratio"][label] = float(g.norm() / g_ddim.norm())
-            out["cosine"][label] = float((g * g_ddim).sum() / (g.norm() * g_ddim.norm()))
-    steps = range(start, stop)
-    dev = {
-        "adjoint": [
-            _deviation(model, states[k + 1], float(ts[k + 1]), lams[k + 1], cond=cond)
-            for k in steps
-        ],
-        "ddim": [_deviation(model, states[k], float(ts[k]), lams[k + 1], cond=cond) for k in steps],
-    }
-    out["deviation"] = {key: torch.tensor(v, dtype=torch.float64) for key, v in dev.items()}
-    f = step_factors(model.schedule, ts[start : stop + 1], variance=1.0)
-    r_eps, r_data, ddim = f["linear part (eps)"], f["linear part (data)"], f["ddim (backprop)"]
-    q_t = model.schedule.alpha(ts[start + 1 : stop + 1]) ** 2
-    e_h = r_data / r_eps  # (σ_t/σ_s)/(α_t/α_s) = e^{λ_s − λ_t}
-    F_eps, F_data = f["adjointdeis-1 (eps)"], f["adjointdeis-1 (data)"]
-    weights = {
-        "adjointdeis-1 (eps)": ((F_eps - r_eps) / F_eps).abs(),
-        "adjointdeis-1 (data)": (r_data * (1 - e_h) * (1 - q_t) / F_data).abs(),
-    }
-    w_ddim = ((ddim - r_eps) / ddim).abs()
-    out["predicted"], out["tolerance"] = {}, {}
-    for label, w in weights.items():
-        out["predicted"][label] = abs(float(f[label].prod() / ddim.prod()))
-        out["tolerance"][label] = float(
-            (w * out["deviation"]["adjoint"] + w_ddim * out["deviation"]["ddim"]).sum()
-        )
+    seg = ts[start : stop + 1]
+    out = _measured_ratios(model, states[start], lams[stop], seg, cond=cond)
+    out["deviation"] = _deviations(model, states, lams, ts, range(start, stop), cond=cond)
+    out["predicted"], out["tolerance"] = _predicted_ratios(model.schedule, seg, out["deviation"])
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -71,9 +72,13 @@ def build_model(name: str = "unet", *, seed: int = 0):
 
 
 def _interleaved_times(model, loss_fn, x, ts, *, solver, methods, repeats: int, bar) -> dict:
-    """Best wall time of each method over ``repeats`` rounds, the methods taking turns in each
-    round, so that a busy machine slows them alike (no saved-tensor hooks while timing); the
-    progress ``bar`` advances by one per timed run."""
+    """Best wall time of each method over ``repeats`` rounds, after one warm-up run of each, the
+    methods taking turns in each round, so that a busy machine slows them alike (no saved-tensor
+    hooks while timing); the progress ``bar`` advances by one per warm-up and per timed run."""
+    for method in methods:
+        bar.set_postfix_str(f"n={len(ts) - 1}: warm-up {method}")
+        loss_grad(model, loss_fn, x, ts, method=method, solver=solver)
+        bar.update()
     best = dict.fromkeys(methods, math.inf)
     for r in range(repeats):
         for method in methods:
@@ -84,6 +89,13 @@ def _interleaved_times(model, loss_fn, x, ts, *, solver, methods, repeats: int, 
             best[method] = min(best[method], report.wall_time_s)
             bar.update()
     return best
+
+
+def _references(model, loss_fn, x, ts, v, *, solver) -> tuple[torch.Tensor, float]:
+    """The two references of a grid: g*, the gradient by backprop through the solve, and D, the
+    central difference along v (:func:`sagkit.finite_difference`)."""
+    _, g_ref = loss_grad(model, loss_fn, x, ts, method="backprop", solver=solver)
+    return g_ref, finite_difference(model, loss_fn, x, ts, v, solver=solver)
 
 
 def _errors(g: torch.Tensor, g_ref: torch.Tensor, v: torch.Tensor, fd: float) -> dict:
@@ -140,8 +152,7 @@ def gradient_accuracy(
     for n in ns:
         bar.set_postfix_str(f"n={n}: backprop reference and finite differences")
         ts = time_grid(model.schedule, t_start, t_end, int(n))
-        _, g_ref = loss_grad(model, loss_fn, x, ts, method="backprop", solver=solver)
-        fd = finite_difference(model, loss_fn, x, ts, v, solver=solver)
+        g_ref, fd = _references(model, loss_fn, x, ts, v, solver=solver)
         bar.update()
         for method in methods:
             bar.set_postfix_str(f"n={n}: {method}")
@@ -155,6 +166,101 @@ def gradient_accuracy(
             rows.append(row)
             bar.update()
     bar.close()
+    return rows
+
+
+def _check_benchmark(dtype: str, ns, *, batch: int, repeats: int) -> tuple:
+    """Refuse an unknown dtype, no n, or a count below 1; return ``ns`` as a tuple."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ns = tuple(ns)
+    if not ns:
+        raise ValueError("ns must hold at least one number of steps")
+    for n in ns:
+        check_count(n, "ns entries")
+    check_count(batch, "batch")
+    check_count(repeats, "repeats")
+    return ns
+
+
+@dataclass(frozen=True, eq=False)
+class _Setup:
+    """What a benchmark measures on: the float64 ``reference`` model and ``net``, its copy in the
+    benchmark's dtype; a batch x (B, ...) in float64 (``x64``) and in that dtype (``x``); the
+    ``target`` of the loss and the direction ``v`` of the finite differences (float64)."""
+
+    reference: object
+    net: object
+    x64: torch.Tensor
+    x: torch.Tensor
+    target: torch.Tensor
+    v: torch.Tensor
+
+    def loss_fn(self, out: torch.Tensor) -> torch.Tensor:
+        """L(x) = ½ Σ_b ‖x_b − target_b‖², as (B,) values in x's dtype."""
+        return 0.5 * (out - self.target.to(out.dtype)).flatten(1).pow(2).sum(1)
+
+
+def _setup(model: str, dtype: str, *, batch: int, seed: int, device) -> _Setup:
+    """The models of :func:`build_model` on ``device`` and a seeded batch of ``batch`` samples,
+    drawn in turn: x, the target, v."""
+    reference, shape = build_model(model, seed=seed)
+    reference = reference.to(device)
+    net = copy.deepcopy(reference).to(DTYPES[dtype])
+    gen = torch.Generator().manual_seed(seed)
+    x64, target, v = (
+        torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(device)
+        for _ in range(3)
+    )
+    return _Setup(reference, net, x64, x64.to(DTYPES[dtype]), target, v)
+
+
+def _measurements(setup: _Setup, ts, method: str, *, solver, g_ref, fd, times) -> dict:
+    """A profiled run of ``method`` on ``net``: its errors, its time (``times`` of
+    :func:`_interleaved_times`) and what :func:`sagkit.profile_gradient` counts."""
+    report = profile_gradient(setup.net, setup.loss_fn, setup.x, ts, method=method, solver=solver)
+    return {
+        **_errors(report.result[1], g_ref, setup.v, fd),
+        "time_s": times[method],
+        "time_rel": times[method] / times["backprop"],
+        "saved_bytes": report.saved_bytes,
+        "cuda_peak_bytes": report.cuda_peak_bytes,
+        "model_calls": report.model_calls,
+    }
+
+
+def _rows_of_grid(
+    setup: _Setup, ts, common: dict, *, methods, refused: dict, timed, repeats: int, bar
+) -> list[dict]:
+    """The rows of one grid ``ts``, each ``common`` plus one method's results: the references in
+    float64, the ``timed`` methods' times, then a profile of each method, or the reason it is
+    ``refused``; the ``bar`` advances after each."""
+    n, solver = common["n"], common["solver"]
+    bar.set_postfix_str(f"n={n}: float64 reference and finite differences")
+    g_ref, fd = _references(setup.reference, setup.loss_fn, setup.x64, ts, setup.v, solver=solver)
+    bar.update()
+    times = _interleaved_times(
+        setup.net,
+        setup.loss_fn,
+        setup.x,
+        ts,
+        solver=solver,
+        methods=timed,
+        repeats=repeats,
+        bar=bar,
+    )
+    rows = []
+    for method in methods:
+        bar.set_postfix_str(f"n={n}: profiling {method}")
+        row = {**common, "method": method, "exact": METHODS[method].exact}
+        if method in refused:
+            row["error"] = refused[method]
+        else:
+            row.update(
+                _measurements(setup, ts, method, solver=solver, g_ref=g_ref, fd=fd, times=times)
+            )
+        rows.append(row)
+        bar.update()
     return rows
 
 
@@ -181,32 +287,12 @@ def run_benchmark(
     :meth:`GradientMethod.refusal`) instead. ``progress`` shows a bar that advances after each
     reference, warm-up, timed run and profile, naming the step it is in.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ns = tuple(ns)
-    if not ns:
-        raise ValueError("ns must hold at least one number of steps")
-    for n in ns:
-        check_count(n, "ns entries")
-    check_count(batch, "batch")
-    check_count(repeats, "repeats")
+    ns = _check_benchmark(dtype, ns, batch=batch, repeats=repeats)
     methods = _methods(methods)
     dev = resolve_device(device)
-    reference, shape = build_model(model, seed=seed)
-    reference = reference.to(dev)
-    net = copy.deepcopy(reference).to(DTYPES[dtype])
-    gen = torch.Generator().manual_seed(seed)
-    x64 = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
-    target = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
-    v = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(dev)
-    x = x64.to(DTYPES[dtype])
-
-    def loss_fn(out):
-        return 0.5 * (out - target.to(out.dtype)).flatten(1).pow(2).sum(1)
-
-    grids = {
-        n: time_grid(reference.schedule, t_start, reference.schedule.t_min, int(n)) for n in ns
-    }
+    setup = _setup(model, dtype, batch=batch, seed=seed, device=dev)
+    schedule = setup.reference.schedule
+    grids = {n: time_grid(schedule, t_start, schedule.t_min, int(n)) for n in ns}
     refused = {
         n: {m: r for m in methods if (r := METHODS[m].refusal(solver, ts)) is not None}
         for n, ts in grids.items()
@@ -221,36 +307,17 @@ def run_benchmark(
     rows = []
     bar = tqdm(total=work, desc="bench", disable=not progress)
     for n, ts in grids.items():
-        bar.set_postfix_str(f"n={n}: float64 reference and finite differences")
-        _, g_ref = loss_grad(reference, loss_fn, x64, ts, method="backprop", solver=solver)
-        fd = finite_difference(reference, loss_fn, x64, ts, v, solver=solver)
-        bar.update()
         common = {"model": model, "dtype": dtype, "device": str(dev), "solver": solver, "n": int(n)}
-        for method in timed[n]:
-            bar.set_postfix_str(f"n={n}: warm-up {method}")
-            loss_grad(net, loss_fn, x, ts, method=method, solver=solver)
-            bar.update()
-        times = _interleaved_times(
-            net, loss_fn, x, ts, solver=solver, methods=timed[n], repeats=repeats, bar=bar
+        rows += _rows_of_grid(
+            setup,
+            ts,
+            common,
+            methods=methods,
+            refused=refused[n],
+            timed=timed[n],
+            repeats=repeats,
+            bar=bar,
         )
-        for method in methods:
-            bar.set_postfix_str(f"n={n}: profiling {method}")
-            row = {**common, "method": method, "exact": METHODS[method].exact}
-            if method in refused[n]:
-                rows.append({**row, "error": refused[n][method]})
-                bar.update()
-                continue
-            report = profile_gradient(net, loss_fn, x, ts, method=method, solver=solver)
-            row.update(
-                **_errors(report.result[1], g_ref, v, fd),
-                time_s=times[method],
-                time_rel=times[method] / times["backprop"],
-                saved_bytes=report.saved_bytes,
-                cuda_peak_bytes=report.cuda_peak_bytes,
-                model_calls=report.model_calls,
-            )
-            rows.append(row)
-            bar.update()
     bar.close()
     return rows
 

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.device import apply_cpu_threads
+from ..version import __version__
+
 __all__ = [
     "main",
     "build_parser",
@@ -347,8 +350,6 @@ SUBCOMMANDS = [add_bench, add_report, add_sample, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="sagkit", description="Accurate gradients through diffusion samplers."
     )
@@ -364,14 +365,20 @@ def main(argv=None) -> int:
     """Entry point of the ``sagkit`` script; returns the exit status.
 
     Errors are one line on stderr: exit 2 for usage (a bad argument), 1 for a failure; the
-    traceback only with ``--debug``.
+    traceback only with ``--debug``. A subcommand runs under the shared-machine thread policy
+    (:func:`sagkit.core.device.apply_cpu_threads`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return run_command("sagkit", lambda: args.func(args), debug=args.debug)
+
+    def command():
+        apply_cpu_threads()
+        return args.func(args)
+
+    return run_command("sagkit", command, debug=args.debug)
 
 
 if __name__ == "__main__":

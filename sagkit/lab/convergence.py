@@ -6,10 +6,13 @@ Notebook 05 and ``sagkit report`` run it; docs/maths.md §6.8 says what it measu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
+from ..core.frames import VelocityFrame
 from ..core.models import GaussianMixture
 from ..core.schedules import time_grid
 from ..core.sde import sde_sample
@@ -42,6 +45,121 @@ def fit_slope(steps, errors, *, last: int) -> float:
     e = torch.tensor([math.log(max(err, 1e-300)) for err in errors[-last:]], dtype=torch.float64)
     m, e = m - m.mean(), e - e.mean()
     return float(-(m * e).sum() / (m * m).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """The gradient a study measures: ∂L/∂``wrt`` of L(Φ(x, cond)), Φ the ODE solve or, with
+    ``sde``, the SDE sampler with fixed noise."""
+
+    model: object
+    loss_fn: object
+    x: torch.Tensor
+    cond: object = None
+    wrt: str = "x"
+    sde: bool = False
+
+
+def _reference(
+    problem: _Problem, reference, t_start: float, t_end: float, *, steps: int, seed: int
+):
+    """The gradient the errors are measured against, and a dict saying what it is (``kind``, and
+    the error estimates of :func:`reference_gradient`): ``reference`` when given, the closed form
+    for one Gaussian and wrt "x", else RK4 backprop on ``steps`` and 2 ``steps`` steps."""
+    model, loss_fn, x = problem.model, problem.loss_fn, problem.x
+    if reference is not None:
+        return reference, {"kind": "given"}
+    if isinstance(model, GaussianMixture) and model.means.shape[0] == 1 and problem.wrt == "x":
+        ref = exact_gradient(model, loss_fn, x, t_start, t_end, sde=problem.sde)[1]
+        if problem.sde:
+            _check_constant_gradient(loss_fn, x, seed)
+        return ref, {"kind": "closed form (one Gaussian)"}
+    if problem.sde:
+        raise ValueError(
+            "the SDE study needs a closed-form reference: a one-Gaussian model, wrt='x'"
+        )
+    info = reference_gradient(
+        model, loss_fn, x, t_start, t_end, cond=problem.cond, wrt=problem.wrt, steps=steps
+    )
+    ref = info.pop("grad")
+    info.pop("loss")
+    info["kind"] = f"RK4 backprop, {steps} and {2 * steps} steps, Richardson"
+    return ref, info
+
+
+def _adjointdeis(problem: _Problem, ts, noise, *, order: int, param: str, state_solver: str):
+    """AdjointDEIS's gradient on the grid ``ts``: its states from ``state_solver``, or from the
+    SDE sampler with ``noise``."""
+    kw = {"sde": True, "noise": noise} if problem.sde else {"solver": state_solver}
+    return adjointdeis_grad(
+        problem.model,
+        problem.loss_fn,
+        problem.x,
+        ts,
+        order=order,
+        parameterisation=param,
+        cond=problem.cond,
+        wrt=problem.wrt,
+        **kw,
+    )[1]
+
+
+def _through_ddim(problem: _Problem, ts, noise, *, method: str):
+    """The gradient of ``method`` (a name in :data:`sagkit.METHODS`) through DDIM on ``ts``."""
+    model, loss_fn, x = problem.model, problem.loss_fn, problem.x
+    return loss_grad(
+        model, loss_fn, x, ts, method=method, solver="ddim", cond=problem.cond, wrt=problem.wrt
+    )[1]
+
+
+def _backprop_sde(problem: _Problem, ts, noise):
+    """Backprop through the SDE sampler on ``ts`` with the fixed ``noise``."""
+    leaf = problem.x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        sample = sde_sample(problem.model, leaf, ts, cond=problem.cond, noise=noise)[0]
+        return torch.autograd.grad(evaluate_loss(problem.loss_fn, sample), leaf)[0]
+
+
+def _methods(problem: _Problem, *, state_solver: str) -> dict:
+    """The methods compared, by label: each maps (ts, noise) to the gradient."""
+    model, sde = problem.model, problem.sde
+    params = ("eps", "data") + (
+        ("velocity",) if model.schedule.ode is VelocityFrame and not sde else ()
+    )
+    methods = {
+        f"adjointdeis-{'1' if order == 1 else '2M'} ({param})": partial(
+            _adjointdeis, problem, order=order, param=param, state_solver=state_solver
+        )
+        for order in (1, 2)
+        for param in params
+    }
+    if sde:
+        methods["backprop (sde sampler)"] = partial(_backprop_sde, problem)
+    else:
+        methods["backprop (ddim)"] = partial(_through_ddim, problem, method="backprop")
+        methods["adjoint (vanilla)"] = partial(_through_ddim, problem, method="adjoint")
+    return methods
+
+
+def _sde_noises(x: torch.Tensor, steps, *, seed: int):
+    """The SDE sampler's fixed noise for each M in ``steps``, (M, *x.shape), drawn in turn from
+    one generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in steps:
+        yield torch.randn((int(m), *x.shape), generator=gen, dtype=x.dtype)
+
+
+def _relative_errors(methods: dict, ref: torch.Tensor, grids, noises, *, progress: bool) -> dict:
+    """‖g − ref‖ / ‖ref‖ of each method on each grid, with that grid's noise: {label: [error]}."""
+    errors = {label: [] for label in methods}
+    runs = zip(grids, noises, strict=True)
+    for ts, noise in tqdm(
+        runs, total=len(grids), desc="convergence", disable=not progress, leave=False
+    ):
+        for label, run in methods.items():
+            g = run(ts, noise)
+            errors[label].append(float((g - ref).norm() / ref.norm()))
+    return errors
 
 
 def convergence_study(
@@ -83,69 +201,12 @@ def convergence_study(
 
     (docs/maths.md §6.8)
     """
-    one_gaussian = isinstance(model, GaussianMixture) and model.means.shape[0] == 1
-    info = {}
-    if reference is not None:
-        ref, info["kind"] = reference, "given"
-    elif one_gaussian and wrt == "x":
-        ref = exact_gradient(model, loss_fn, x, t_start, t_end, sde=sde)[1]
-        info["kind"] = "closed form (one Gaussian)"
-        if sde:
-            _check_constant_gradient(loss_fn, x, seed)
-    elif sde:
-        raise ValueError(
-            "the SDE study needs a closed-form reference: a one-Gaussian model, wrt='x'"
-        )
-    else:
-        info = reference_gradient(
-            model, loss_fn, x, t_start, t_end, cond=cond, wrt=wrt, steps=reference_steps
-        )
-        ref = info.pop("grad")
-        info.pop("loss")
-        info["kind"] = (
-            f"RK4 backprop, {reference_steps} and {2 * reference_steps} steps, Richardson"
-        )
-
-    def deis(order, param):
-        def run(ts, noise):
-            kw = {"sde": True, "noise": noise} if sde else {"solver": state_solver}
-            return adjointdeis_grad(
-                model, loss_fn, x, ts, order=order, parameterisation=param, cond=cond, wrt=wrt, **kw
-            )[1]
-
-        return run
-
-    def backprop(ts, noise):
-        if not sde:
-            return loss_grad(
-                model, loss_fn, x, ts, method="backprop", solver="ddim", cond=cond, wrt=wrt
-            )[1]
-        leaf = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = evaluate_loss(loss_fn, sde_sample(model, leaf, ts, cond=cond, noise=noise)[0])
-            return torch.autograd.grad(loss, leaf)[0]
-
-    methods = {}
-    params = ("eps", "data") + (
-        ("velocity",) if model.schedule.ode == "velocity" and not sde else ()
-    )
-    for order in (1, 2):
-        for param in params:
-            methods[f"adjointdeis-{'1' if order == 1 else '2M'} ({param})"] = deis(order, param)
-    methods["backprop (sde sampler)" if sde else "backprop (ddim)"] = backprop
-    if not sde:
-        methods["adjoint (vanilla)"] = lambda ts, noise: loss_grad(
-            model, loss_fn, x, ts, method="adjoint", solver="ddim", cond=cond, wrt=wrt
-        )[1]
-
-    errors = {label: [] for label in methods}
-    gen = torch.Generator().manual_seed(seed)
-    for m in tqdm(steps, desc="convergence", disable=not progress, leave=False):
-        ts = time_grid(model.schedule, t_start, t_end, int(m), spacing=spacing)
-        noise = torch.randn((int(m), *x.shape), generator=gen, dtype=x.dtype) if sde else None
-        for label, run in methods.items():
-            g = run(ts, noise)
-            errors[label].append(float((g - ref).norm() / ref.norm()))
+    problem = _Problem(model, loss_fn, x, cond=cond, wrt=wrt, sde=sde)
+    ref, info = _reference(problem, reference, t_start, t_end, steps=reference_steps, seed=seed)
+    methods = _methods(problem, state_solver=state_solver)
+    grids = [time_grid(model.schedule, t_start, t_end, int(m), spacing=spacing) for m in steps]
+    noises = _sde_noises(x, steps, seed=seed) if sde else [None] * len(grids)
+    errors = _relative_errors(methods, ref, grids, noises, progress=progress)
     slopes = {label: fit_slope(list(steps), e, last=fit_last) for label, e in errors.items()}
     states = "SDE sampler (stored noise)" if sde else f"{state_solver} on the same grid"
     return {

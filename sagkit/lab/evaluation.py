@@ -57,63 +57,26 @@ to compare runs. (Earlier, one generator drew all N noises at once and the time-
 was seed + 1 + the batch's first index; seeding each sample and shard by itself changed every
 number of a run, and the loss is now evaluated shard by shard, as the ranks do.)
 
-With ``out_dir`` every shard is written as it finishes, to
-``<task>__<method>-n<n>__<first>-<end>.json`` (method: the step rule "none", "rms" — FreeDoM
-and SAG —, "dps" or "backward", or a preset's name;
-losses as JSON floats, samples as their raw bytes, both exact), with its key: the settings
-that make its numbers. A rerun loads the shards it finds whose key equals the run's, bit for
-bit, and computes the rest. The key holds
-
-- ``version``: ``sagkit.__version__``;
-- ``task``: its ``name``, ``label``, the sha256 digests of its ``reference`` and ``mask``
-  (of each tensor's dtype, shape and bytes), and the loss's fingerprint: for a function its
-  module and qualified name, its default arguments and its closure (the variables it
-  captured), for a ``functools.partial`` its function and arguments, for a bound method its
-  function and object, for another callable object its class and attributes — recursively,
-  with numbers, strings, lists, tuples and dicts as they are, tensors and numpy arrays by
-  digest and torch modules by their class and the digest of their parameters and buffers (so
-  the weights of a classifier a loss calls are in it). Not in it: the code of a function
-  (its body, and the globals it reads, stand for themselves by name) and the insides of
-  objects without attributes (by class only). A loss that changes only there needs a fresh
-  ``out_dir``;
-- ``model``: its class, the digest of its parameters and buffers (the weights, and the
-  digits model's table of class embeddings), the digest of its schedule's log α on 1001
-  times in [0, 1], and its ``prediction_type``;
-- ``method``, ``n`` and ``options``: the method's whole configuration
-  (:meth:`~sagkit.guidance.config.GuidanceConfig.describe`);
-- ``samples`` (the shard's range [first, end)), ``seed``, and the model's ``dtype`` and
-  ``device`` type.
-
-The ``classifier`` argument is not in the key: it only scores the samples (accuracy and FD
-are computed from the samples at every run, loaded or not). Neither is ``batch_size``: it
-only cuts the range into shards, and a shard's numbers depend on its range alone, so a shard
-of a run in other batches is reused where its range comes back (tested). A file whose key
-differs is refused with a ``ValueError`` that names it and every difference (``key: stored
-vs now``); a file that cannot be read as a shard (cut short, not JSON, a field missing or
-malformed) is refused too, never recomputed over: delete it and run again to compute it.
-Without a folder shared by the machines, a rank only sees its own machine's files; rank 0
-writes every gathered shard it lacks, so its folder ends complete.
+With ``out_dir`` every shard is written as it finishes, to a JSON file that holds its key: the
+settings that make its numbers (:mod:`sagkit.lab.shards`: the file names, what the key holds,
+the files refused). A rerun loads the shards it finds whose key equals the run's, bit for bit,
+and computes the rest. Without a folder shared by the machines, a rank only sees its own
+machine's files; rank 0 writes every gathered shard it lacks, so its folder ends complete.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
-import numbers
-import os
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -125,7 +88,9 @@ from ..guidance.config import DEFAULTS, GuidanceConfig
 from ..guidance.methods import GUIDANCE
 from ..guidance.presets import PRESETS
 from ..guidance.sampler import guided_sample
+from ..version import __version__
 from .distributed import gather, rank_and_world, shard
+from .shards import model_key, read_shard, shard_name, task_key, write_shard
 
 __all__ = [
     "GuidanceTask",
@@ -212,7 +177,7 @@ def default_tasks(
     """The four digit tasks: target class, style, feature match and masked reconstruction.
 
     Args:
-        classifier: the classifier the losses use (``sk.load_classifier("digits")``).
+        classifier: the classifier the losses use (``sk.digits.load_classifier("digits")``).
         target: the digit of the target-class task; by default :data:`CLASS_TARGET`, which
             pure noise is called at most at chance (see there).
         reference_index: which held-out image (``digits_dataset("test")``) is the reference of
@@ -241,10 +206,6 @@ def method_label(guidance: str, n: int | None = None) -> str:
     return f"{guidance} n={n}" if guidance == "sag" else guidance
 
 
-def _methods(methods: Sequence[str], ns: Sequence[int]) -> list[tuple[str, int | None]]:
-    return [(m, n) for m in methods for n in (ns if m == "sag" else [None])]
-
-
 def evaluate_guidance(
     model,
     classifier,
@@ -271,39 +232,40 @@ def evaluate_guidance(
         model, classifier: the diffusion model and the classifier (same dtype and device).
         tasks: defaults to :func:`default_tasks` (classifier).
         methods: guidance names; "sag" runs once per n in ``ns``.
-        presets: names in :data:`sagkit.guidance.presets.PRESETS`, one row each, at the
-            configuration's ``steps`` (their window and repeats keep their fractions) and
-            engine. They run with ``step_size="per-sample"``: the official codes sample one
-            image at a time, where their per-batch ρ is the per-sample one, and a shard
-            batches many.
-        variants: {label: fields of :class:`~sagkit.guidance.config.GuidanceConfig`}, one
-            row each, labelled ``label``, run with the shared configuration and those fields
-            (e.g. ``{"tfg": {"guidance": TFG(rho=1.0)}, "dps": {"guidance": "dps", "scale":
-            2.0}}``: a method with its tuned scales, :mod:`sagkit.lab.tuning`). A label is a
-            non-empty string without "/" or "\\" (it names the shard files).
+        presets, variants: more rows, one per preset and per variant (:func:`_plan`).
         num_samples: samples per row; the noise of sample i is the same in every row.
-        config: the configuration every method shares (its ``guidance`` and ``n`` are set per
-            row, and DPS takes ``dps_scale`` as its ζ); by default :data:`EVALUATION_DEFAULTS`
-            with the ``options`` given (fields of
-            :class:`~sagkit.guidance.config.GuidanceConfig`, e.g. ``steps``, ``window``,
-            ``repeats``, ``scale``).
+        config: the configuration every method shares, or ``options`` over
+            :data:`EVALUATION_DEFAULTS` (:func:`_shared_configuration`); DPS takes
+            ``dps_scale`` as its ζ.
         batch_size: samples per sampler call, and so per shard (the unit of work that ranks
             share and ``out_dir`` keeps).
         seed: an integer >= 0; sample i's noise is a function of (seed, i).
-        out_dir: a folder for one JSON file per (task, method, shard), written as each shard
-            finishes (created if missing); a shard whose file is already there, with the same
-            key (see the module docstring), is loaded instead of run, so a killed sweep
-            resumes where it stopped. A file with another key, or one that cannot be read as
-            a shard, is refused with a ``ValueError`` naming it.
+        out_dir: a folder for one JSON file per (task, method, shard), from which a killed
+            sweep resumes (:func:`_run_or_load`).
         split: "evaluation" (default) or "tuning": which samples (:data:`SPLITS`,
             :func:`initial_noise`); the tuning's are disjoint from the evaluation's.
-        keep_samples: each row also holds ``"samples"``, its final samples (N, 1, S, S) on
-            the CPU, for scores other than the classifier's (:mod:`sagkit.lab.tuning`).
+        keep_samples: each row also holds its final samples (:func:`_rows`).
         progress: progress bars (on rank 0 only).
     Under ``torchrun`` (after :func:`sagkit.lab.distributed.init_distributed`) the shards are
     split among the ranks and gathered; every rank returns the same rows, equal to those of a
     single process.
     """
+    methods, ns, presets, variants = _checked_choices(methods, ns, presets, variants, split=split)
+    _check_numbers(num_samples, batch_size, seed, dps_scale)
+    shared = _shared_configuration(config, options)
+    tasks = default_tasks(classifier) if tasks is None else _checked_tasks(tasks)
+    out = None if out_dir is None else check_folder(out_dir, "out_dir")
+    plan, rows_of = _plan(model, shared, methods, ns, presets, variants, dps_scale=dps_scale)
+    bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+    keys = _shard_keys(model, tasks, plan, bounds, seed=seed, split=split)
+    results = _results(model, tasks, plan, keys, seed=seed, split=split, out=out, progress=progress)
+    return _rows(model, classifier, tasks, results, rows_of, bounds, keep_samples=keep_samples)
+
+
+def _checked_choices(methods, ns, presets, variants, *, split: str) -> tuple:
+    """(methods, ns, presets) as tuples and the variants as a dict (:func:`_checked_variants`);
+    refuses a sweep without rows, names that are not guidance methods, presets or splits, and
+    "sag" without an n."""
     methods, ns, presets = tuple(methods), tuple(ns), tuple(presets)
     variants = _checked_variants(variants)
     if not methods and not presets and not variants:
@@ -317,25 +279,54 @@ def evaluate_guidance(
         raise ValueError('ns must hold at least one n for "sag"')
     for n in ns:
         check_count(n, "ns entries")
+    return methods, ns, presets, variants
+
+
+def _check_numbers(num_samples, batch_size, seed, dps_scale) -> None:
+    """Refuses sample counts that are not integers >= 1, a seed that is not one >= 0, and a
+    ``dps_scale`` that is not a finite number >= 0 (``None``: DPS's default)."""
     for value, name in ((num_samples, "num_samples"), (batch_size, "batch_size")):
         check_count(value, name)
     check_count(seed, "seed", low=0)
     if dps_scale is not None:
         check_scale(dps_scale, "dps_scale")
+
+
+def _shared_configuration(config: GuidanceConfig | None, options: Mapping) -> GuidanceConfig:
+    """The configuration every method of a sweep shares (its ``guidance`` and ``n`` are set per
+    row): ``config``, by default :data:`EVALUATION_DEFAULTS`, with the ``options`` given
+    (fields of :class:`~sagkit.guidance.config.GuidanceConfig`, e.g. ``steps``, ``window``,
+    ``repeats``, ``scale``; not ``guidance`` or ``n``, which the rows choose)."""
     chosen = sorted({"guidance", "n"} & {k for k, v in options.items() if v is not None})
     if chosen:
         raise ValueError(f"{', '.join(chosen)}: methods and ns choose them, one row each")
-    if config is None:
-        shared = GuidanceConfig.resolve(defaults=EVALUATION_DEFAULTS, **options)
-    else:
-        shared = config.replace(**options)
-    tasks = default_tasks(classifier) if tasks is None else _checked_tasks(tasks)
-    out = None if out_dir is None else check_folder(out_dir, "out_dir")
-    p = next(model.parameters())
-    size = model.unet.config.sample_size
-    rank, _ = rank_and_world()
-    # The configuration of each computation. "sag" with n = 1 is "freedom" exactly (tested):
-    # one computation per key serves both rows.
+    return GuidanceConfig.coerce(config, defaults=EVALUATION_DEFAULTS, **options)
+
+
+def _methods(methods: Sequence[str], ns: Sequence[int]) -> list[tuple[str, int | None]]:
+    return [(m, n) for m in methods for n in (ns if m == "sag" else [None])]
+
+
+def _plan(model, shared: GuidanceConfig, methods, ns, presets, variants, *, dps_scale) -> tuple:
+    """The computations and the rows of a sweep: ({key: GuidanceConfig}, [(guidance, n, key,
+    label)], the rows in order: methods, presets, variants).
+
+    A computation's key is (step rule, estimate steps) for a method (:func:`_key`: "sag" with
+    n = 1 is "freedom" exactly (tested), so one computation serves both rows), (name, n) for a
+    preset and (label, estimate steps) for a variant; ``shared`` is every method's
+    configuration, DPS's with ``dps_scale``.
+
+    ``presets``: names in :data:`sagkit.guidance.presets.PRESETS`, one row each, at the
+    configuration's ``steps`` (their window and repeats keep their fractions) and engine. They
+    run with ``step_size="per-sample"``: the official codes sample one image at a time, where
+    their per-batch ρ is the per-sample one, and a shard batches many.
+
+    ``variants``: {label: fields of :class:`~sagkit.guidance.config.GuidanceConfig`}, one row
+    each, labelled ``label``, run with the shared configuration and those fields (e.g.
+    ``{"tfg": {"guidance": TFG(rho=1.0)}, "dps": {"guidance": "dps", "scale": 2.0}}``: a method
+    with its tuned scales, :mod:`sagkit.lab.tuning`). A label is a non-empty string without "/"
+    or "\\" (it names the shard files).
+    """
     plan = {}
     for guidance, n in _methods(methods, ns):
         scale = dps_scale if GUIDANCE[guidance].rule == "dps" else shared.scale
@@ -359,20 +350,30 @@ def evaluate_guidance(
             raise ValueError(f"variants: {label!r} names the shard files of a method or preset")
         plan[key] = config
         variant_keys.append(key)
-    bounds = [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
-    units = [(t, key, b) for t in range(len(tasks)) for key in plan for b in bounds]
+    rows = [(g, n, _key(g, n), method_label(g, n)) for g, n in _methods(methods, ns)]
+    rows += [(name, PRESETS[name].n, (name, PRESETS[name].n), name) for name in presets]
+    rows += [(plan[k].method.name, k[1], k, k[0]) for k in variant_keys]
+    return plan, rows
 
-    # The key of every shard (module docstring), its parts fingerprinted once per call.
-    from .. import __version__  # here, not at the top: sagkit/__init__ imports this module
 
-    task_keys = [_task_key(task) for task in tasks]
-    model_key = _model_key(model)
+def _key(guidance: str, n: int | None) -> tuple:
+    """The computation a method's row needs: (step rule, estimate steps)."""
+    method = GUIDANCE[guidance]
+    return (method.rule, method.estimate_steps(n or 1))
 
-    def settings_of(t, key, lo, hi) -> dict:  # what a shard file must match to be reused
-        return {
+
+def _shard_keys(model, tasks, plan: dict, bounds, *, seed: int, split: str) -> dict:
+    """The key of every shard (:mod:`sagkit.lab.shards`): what its file must match to be
+    reused, {(task index, plan key, (lo, hi)): settings}, in the order the shards are dealt to
+    the ranks; the task's and the model's parts are fingerprinted once."""
+    p = next(model.parameters())
+    task_keys = [task_key(task) for task in tasks]
+    model_part = model_key(model)
+    return {
+        (t, key, (lo, hi)): {
             "version": __version__,
             "task": task_keys[t],
-            "model": model_key,
+            "model": model_part,
             "method": key[0] or "none",
             "n": key[1],
             "samples": [lo, hi],
@@ -382,77 +383,111 @@ def evaluate_guidance(
             "device": p.device.type,
             **({} if split == "evaluation" else {"split": split}),
         }
+        for t in range(len(tasks))
+        for key in plan
+        for lo, hi in bounds
+    }
 
-    mine = {}
-    my_units = shard(units)
+
+def _results(model, tasks, plan: dict, keys: dict, *, seed, split, out, progress) -> dict:
+    """Every shard's result (:func:`_run_shard`), by its unit of ``keys``: this rank's share
+    run or loaded (:func:`_run_or_load`), then every rank's gathered (:func:`_gathered`)."""
+    rank, _ = rank_and_world()
+    units = shard(list(keys))
     bar = tqdm(
-        my_units,
-        total=len(my_units),
+        units,
+        total=len(units),
         desc="evaluate guidance",
         disable=not progress or rank != 0,
         leave=False,
     )
+    mine = {}
     for t, key, (lo, hi) in bar:
-        settings = settings_of(t, key, lo, hi)
-        path = None if out is None else out / _shard_name(settings)
-        if path is not None and path.exists():
-            result = _read_shard(path, settings)
-            _log.info("rank %d loaded %s", rank, path.name)
-        else:
-            result = _run_shard(
-                model,
-                tasks[t].loss,
-                seed,
-                lo,
-                hi,
-                size,
-                plan[key],
-                split=split,
-                progress=progress and rank == 0,
-            )
-            if path is not None:
-                _write_shard(path, settings, result)
-            _log.info("rank %d computed %s", rank, path.name if path else settings)
-        mine[(t, key, (lo, hi))] = result
+        run = functools.partial(
+            _run_shard,
+            model,
+            tasks[t].loss,
+            seed,
+            lo,
+            hi,
+            plan[key],
+            split=split,
+            progress=progress and rank == 0,
+        )
+        mine[(t, key, (lo, hi))] = _run_or_load(run, keys[(t, key, (lo, hi))], out=out, rank=rank)
+    return _gathered(mine, keys, out=out)
+
+
+def _run_or_load(run: Callable[[], dict], settings: dict, *, out: Path | None, rank: int) -> dict:
+    """A shard's result: ``run()``, or with ``out`` its file there, loaded.
+
+    ``out``: a folder for one JSON file per (task, method, shard), written as each shard
+    finishes (created if missing); a shard whose file is already there, with the same key
+    ``settings`` (:mod:`sagkit.lab.shards`), is loaded instead of run, so a killed sweep
+    resumes where it stopped. A file with another key, or one that cannot be read as a shard,
+    is refused with a ``ValueError`` naming it.
+    """
+    path = None if out is None else out / shard_name(settings)
+    if path is not None and path.exists():
+        result = read_shard(path, settings)
+        _log.info("rank %d loaded %s", rank, path.name)
+        return result
+    result = run()
+    if path is not None:
+        write_shard(path, settings, result)
+    _log.info("rank %d computed %s", rank, path.name if path else settings)
+    return result
+
+
+def _gathered(mine: dict, keys: dict, *, out: Path | None) -> dict:
+    """Every rank's results on every rank; with ``out``, rank 0 writes each shard of ``keys``
+    whose file it lacks (without a folder shared by the machines, it sees its own only)."""
     results = {}
     for part in gather(mine):
         results.update(part)
-    if out is not None and rank == 0:  # without a shared folder, rank 0's gets every shard
-        for t, key, (lo, hi) in units:
-            settings = settings_of(t, key, lo, hi)
-            if not (out / _shard_name(settings)).exists():
-                _write_shard(out / _shard_name(settings), settings, results[(t, key, (lo, hi))])
+    rank, _ = rank_and_world()
+    if out is not None and rank == 0:
+        for unit, settings in keys.items():
+            if not (out / shard_name(settings)).exists():
+                write_shard(out / shard_name(settings), settings, results[unit])
+    return results
 
-    data, data_labels = digits_dataset("all", size=size, dtype=p.dtype)
+
+def _rows(model, classifier, tasks, results, rows_of, bounds, *, keep_samples: bool) -> list:
+    """For each task, one row per entry of ``rows_of`` (:func:`_plan`): its computation's
+    shards put together (:func:`_row`), the samples' FD to the real digits of the task's label
+    (all digits without one)."""
+    p = next(model.parameters())
+    data, data_labels = digits_dataset("all", size=model.unet.config.sample_size, dtype=p.dtype)
     rows = []
-    rows_of = [(g, n, _key(g, n), method_label(g, n)) for g, n in _methods(methods, ns)]
-    rows_of += [(name, PRESETS[name].n, (name, PRESETS[name].n), name) for name in presets]
-    rows_of += [(plan[k].method.name, k[1], k, k[0]) for k in variant_keys]
     for t, task in enumerate(tasks):
-        for guidance, n, key, row_label in rows_of:
+        real = data if task.label is None else data[data_labels == task.label]
+        for guidance, n, key, label in rows_of:
             parts = [results[(t, key, b)] for b in bounds]
-            x = torch.cat([r["samples"] for r in parts]).to(p.device)
-            values = torch.cat([r["loss"] for r in parts])
-            elapsed = sum(r["seconds"] for r in parts)
-            label = -1 if task.label is None else task.label
-            real = data if task.label is None else data[data_labels == task.label]
-            quality = evaluate_samples(classifier, x, torch.full((len(x),), label), real)
-            rows.append(
-                {
-                    "task": task.name,
-                    "guidance": guidance,
-                    "n": n,
-                    "method": row_label,
-                    "loss": float(values.mean()),
-                    "loss_se": float(values.std() / math.sqrt(len(values))),
-                    "accuracy": math.nan if task.label is None else quality["accuracy"],
-                    "fd": quality["fd"],
-                    "sec_per_sample": elapsed / num_samples,
-                    "per_sample": values,
-                    **({"samples": x.cpu()} if keep_samples else {}),
-                }
-            )
+            row = _row(classifier, task, parts, real, device=p.device, keep_samples=keep_samples)
+            rows.append({"task": task.name, "guidance": guidance, "n": n, "method": label} | row)
     return rows
+
+
+def _row(classifier, task, parts, real, *, device, keep_samples: bool) -> dict:
+    """The numbers of one row (module docstring) from its shards' results ``parts``, scored
+    against the ``real`` images on ``device``. ``keep_samples``: the row also holds
+    ``"samples"``, its final samples (N, 1, S, S) on the CPU, for scores other than the
+    classifier's (:mod:`sagkit.lab.tuning`)."""
+    x = torch.cat([r["samples"] for r in parts]).to(device)
+    values = torch.cat([r["loss"] for r in parts])
+    label = -1 if task.label is None else task.label
+    quality = evaluate_samples(classifier, x, torch.full((len(x),), label), real)
+    loss, loss_se = _mean_se(values)
+    return {
+        "loss": loss,
+        "loss_se": loss_se,
+        "accuracy": math.nan if task.label is None else quality["accuracy"],
+        "fd": quality["fd"],
+        "sec_per_sample": sum(r["seconds"] for r in parts) / len(values),
+        "per_sample": values,
+        **({"samples": x.cpu()} if keep_samples else {}),
+    }
 
 
 def initial_noise(
@@ -476,15 +511,11 @@ def _derived_seed(*parts) -> int:
 _TAGS = {"evaluation": ("noise", "time travel"), "tuning": ("tuning noise", "tuning time travel")}
 
 
-def _key(guidance: str, n: int | None) -> tuple:
-    """The computation a method's row needs: (step rule, estimate steps)."""
-    method = GUIDANCE[guidance]
-    return (method.rule, method.estimate_steps(n or 1))
-
-
-def _run_shard(model, loss, seed, lo, hi, size, config, *, split, progress) -> dict:
-    """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time."""
+def _run_shard(model, loss, seed, lo, hi, config, *, split, progress) -> dict:
+    """Samples lo … hi − 1 in one :func:`sagkit.guided_sample` call, their loss and its time:
+    {"samples": (hi − lo, 1, S, S) on the CPU, "loss": (hi − lo,) float64, "seconds": float}."""
     p = next(model.parameters())
+    size = model.unet.config.sample_size
     x_T = torch.cat([initial_noise(seed, i, (1, size, size), split=split) for i in range(lo, hi)])
     x_T = x_T.to(p)
     generator = torch.Generator().manual_seed(_derived_seed(seed, _TAGS[split][1], lo, hi))
@@ -540,218 +571,6 @@ def _checked_tasks(tasks) -> list[GuidanceTask]:
             )
         names[name] = i
     return list(tasks)
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    """The first 16 hex digits of the sha256 of a tensor's dtype, shape and bytes."""
-    hasher = hashlib.sha256()
-    _hash_tensor(hasher, tensor)
-    return hasher.hexdigest()[:16]
-
-
-def _hash_tensor(hasher, tensor: torch.Tensor) -> None:
-    t = tensor.detach().cpu().contiguous()
-    hasher.update(f"{t.dtype} {tuple(t.shape)};".encode())
-    hasher.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    """The digest of a module's parameters and buffers, by name, in their order."""
-    hasher = hashlib.sha256()
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        hasher.update(f"{name};".encode())
-        _hash_tensor(hasher, tensor)
-    return hasher.hexdigest()[:16]
-
-
-def _name_of(value) -> str:
-    """``module.qualname`` of a class or function."""
-    return f"{value.__module__}.{value.__qualname__}"
-
-
-def _fingerprint(value, path: tuple = ()):
-    """``value`` as JSON that changes where its numbers could (module docstring, the key's
-    ``task``); ``path``: the ids of the objects being described, so a cycle ends."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return repr(value)  # as text: NaN equals itself
-    if isinstance(value, torch.Tensor):
-        return {"tensor": _digest(value)}
-    if isinstance(value, np.ndarray) and value.dtype != object:
-        return {"array": _digest(torch.from_numpy(np.ascontiguousarray(value)))}
-    if isinstance(value, numbers.Number):  # numpy scalars
-        return repr(value)
-    if isinstance(value, type):
-        return {"class": _name_of(value)}
-    if isinstance(value, types.ModuleType):
-        return {"module": value.__name__}
-    if id(value) in path:
-        return {"cycle": type(value).__qualname__}
-    path = (*path, id(value))
-    if isinstance(value, torch.nn.Module):
-        return {"module": _name_of(type(value)), "weights": _weights_digest(value)}
-    if isinstance(value, list | tuple):
-        return [_fingerprint(v, path) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _fingerprint(v, path) for k, v in value.items()}
-    if isinstance(value, functools.partial):
-        return {
-            "partial": _fingerprint(value.func, path),
-            "args": _fingerprint(value.args, path),
-            "keywords": _fingerprint(value.keywords, path),
-        }
-    if isinstance(value, types.MethodType):
-        return {
-            "method": _fingerprint(value.__func__, path),
-            "of": _fingerprint(value.__self__, path),
-        }
-    if isinstance(value, types.FunctionType):
-        cells = zip(value.__code__.co_freevars, value.__closure__ or (), strict=True)
-        return {
-            "function": _name_of(value),
-            "defaults": _fingerprint(value.__defaults__, path),
-            "keyword defaults": _fingerprint(value.__kwdefaults__, path),
-            "closure": {name: _fingerprint(_contents(cell), path) for name, cell in cells},
-        }
-    attributes = getattr(value, "__dict__", None)
-    if attributes is None:  # a builtin function, a C object: by name or class only
-        return {"object": getattr(value, "__qualname__", None) or _name_of(type(value))}
-    return {"object": _name_of(type(value)), "attributes": _fingerprint(dict(attributes), path)}
-
-
-def _contents(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # a variable not bound yet
-        return {"unbound": True}
-
-
-def _task_key(task: GuidanceTask) -> dict:
-    """A task's part of the shard key."""
-    return {
-        "name": task.name,
-        "label": _fingerprint(task.label),
-        "reference": None if task.reference is None else _digest(torch.as_tensor(task.reference)),
-        "mask": None if task.mask is None else _digest(torch.as_tensor(task.mask)),
-        "loss": _fingerprint(task.loss),
-    }
-
-
-def _model_key(model) -> dict:
-    """The model's part of the shard key: class, weights, schedule and what the network
-    predicts."""
-    times = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    return {
-        "class": _name_of(type(model)),
-        "weights": _weights_digest(model),
-        "schedule": _digest(model.schedule.log_alpha(times)),
-        "prediction_type": getattr(model, "prediction_type", None),
-    }
-
-
-def _shard_name(settings: dict) -> str:
-    lo, hi = settings["samples"]
-    task, method, n = settings["task"]["name"], settings["method"], settings["n"]
-    return f"{task}__{method}-n{n}__{lo:06d}-{hi:06d}.json"
-
-
-def _write_shard(path: Path, settings: dict, result: dict) -> None:
-    """The shard as JSON, exactly: losses as floats (repr round-trips), samples as raw bytes."""
-    x = result["samples"].contiguous()
-    record = {
-        "settings": settings,
-        "seconds": result["seconds"],
-        "loss": result["loss"].tolist(),
-        "samples": {
-            "dtype": str(x.dtype).removeprefix("torch."),
-            "shape": list(x.shape),
-            "base64": base64.b64encode(x.view(torch.uint8).numpy().tobytes()).decode(),
-        },
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written shard behind
-
-
-def _read_shard(path: Path, settings: dict) -> dict:
-    """The shard in ``path``, exactly as written; a ``ValueError`` naming the file if its key
-    is not ``settings`` (with every difference) or if it cannot be read as a shard."""
-    try:
-        record = json.loads(path.read_text())
-    except OSError as err:
-        raise _unreadable(path, f"cannot be read: {err.strerror}") from None
-    except ValueError as err:  # not JSON, or not text
-        raise _unreadable(path, f"not JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise _unreadable(path, "not a JSON object")
-    missing = [k for k in ("settings", "seconds", "loss", "samples") if k not in record]
-    if missing:
-        raise _unreadable(path, f"missing {', '.join(missing)}")
-    if not isinstance(record["settings"], dict):
-        raise _unreadable(path, "settings is not a JSON object")
-    if record["settings"] != settings:
-        differences = "; ".join(_differences(record["settings"], settings))
-        raise ValueError(
-            f"{path} was written with other settings (stored vs now: {differences}): "
-            "use another out_dir, or delete the file"
-        )
-    count = settings["samples"][1] - settings["samples"][0]
-    values, seconds = record["loss"], record["seconds"]
-    if not isinstance(values, list) or len(values) != count or not all(map(_is_real, values)):
-        raise _unreadable(path, f"loss must be {count} numbers")
-    if not _is_real(seconds) or not seconds >= 0:
-        raise _unreadable(path, f"seconds must be a number >= 0, got {seconds!r}")
-    try:
-        s = record["samples"]
-        dtype = getattr(torch, s["dtype"])
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"{s['dtype']!r} is not a dtype")
-        raw = bytearray(base64.b64decode(s["base64"], validate=True))
-        x = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(s["shape"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise _unreadable(path, f"samples: {str(err).splitlines()[0]}") from None
-    if len(x) != count:
-        raise _unreadable(path, f"samples: {len(x)}, expected {count}")
-    loss = torch.tensor(values, dtype=torch.float64)
-    return {"samples": x, "loss": loss, "seconds": seconds}
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _unreadable(path: Path, reason: str) -> ValueError:
-    return ValueError(
-        f"{path} is not a readable shard file ({reason}); delete it and run again to compute "
-        "the shard anew"
-    )
-
-
-def _differences(stored: dict, now: dict) -> list[str]:
-    """``key: stored vs now`` for every leaf where two keys differ (dotted paths, JSON values)."""
-    old, new = dict(_leaves(stored)), dict(_leaves(now))
-    absent = object()
-    return [
-        f"{k}: {_shown(old.get(k, absent), absent)} vs {_shown(new.get(k, absent), absent)}"
-        for k in [*new, *(k for k in old if k not in new)]
-        if old.get(k, absent) != new.get(k, absent)
-    ]
-
-
-def _leaves(value, prefix: str = ""):
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(value, list) and value:
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, value
-
-
-def _shown(value, absent) -> str:
-    return "absent" if value is absent else json.dumps(value)
 
 
 def paired_comparison(

@@ -1,6 +1,6 @@
 """What a gradient computation costs: bytes saved for backward, peak memory, time, network calls.
 
-    report = sk.profile_gradient(model, loss_fn, x, ts, method="symplectic", solver="ddim")
+    report = sk.lab.profile_gradient(model, loss_fn, x, ts, method="symplectic", solver="ddim")
     report.saved_bytes, report.cuda_peak_bytes, report.vmhwm_bytes, report.wall_time_s, report.model_calls
 
 **Saved bytes** (deterministic, device independent) is the peak, over the whole computation, of

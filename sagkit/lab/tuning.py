@@ -128,15 +128,7 @@ def beam_search(
     ``score(candidates)`` returns one number per candidate (a round at a time, so a caller
     can evaluate them together); ``start`` {name: value > 0}. NaN scores rank last.
     """
-    check_count(budget, "budget")
-    check_count(beam, "beam")
-    if not start:
-        raise ValueError("start must name at least one scale")
-    for name, value in start.items():
-        if check_scale(value, f"start[{name!r}]") == 0:
-            raise ValueError(f"start[{name!r}] must be > 0 (the search is on a log scale)")
-    if check_scale(refine, "refine") <= 1:
-        raise ValueError(f"refine must be > 1, got {refine!r}")
+    _check_search(start, budget=budget, beam=beam, refine=refine)
     start = {k: float(v) for k, v in start.items()}
     first = [start] + [{**start, name: start[name] * f} for name in start for f in grid if f != 1]
     if len(first) > budget:
@@ -176,6 +168,20 @@ def beam_search(
             phi = math.sqrt(phi)
     best = kept()[0]
     return BeamResult(best, next(s for c, s, _ in history if c is best), history)
+
+
+def _check_search(start: Mapping[str, float], *, budget: int, beam: int, refine: float) -> None:
+    """Refuses a budget or beam < 1, a start without scales or with a value <= 0, and a
+    ``refine`` <= 1."""
+    check_count(budget, "budget")
+    check_count(beam, "beam")
+    if not start:
+        raise ValueError("start must name at least one scale")
+    for name, value in start.items():
+        if check_scale(value, f"start[{name!r}]") == 0:
+            raise ValueError(f"start[{name!r}] must be > 0 (the search is on a log scale)")
+    if check_scale(refine, "refine") <= 1:
+        raise ValueError(f"refine must be > 1, got {refine!r}")
 
 
 def _rank(value: float) -> float:

@@ -30,7 +30,7 @@ transformer sees them packed into 2 × 2 patches (:func:`pack_latents`) at each 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -44,7 +44,7 @@ from ..core.schedules import FlowSchedule, is_flow_scheduler
 from ..guidance.base import Timesteps
 from ..guidance.config import GuidanceConfig
 from .latent import vae_input
-from .pipeline import GuidedPipeline, check_embeds, check_prompts
+from .pipeline import CallParts, GuidedPipeline, check_embeds, check_prompts
 
 __all__ = [
     "pack_text",
@@ -285,9 +285,34 @@ class FlowPipeline(GuidedPipeline):
     embeddings given; the loss sees the VAE's decode of z / s + b; a bare flow-matching
     scheduler as the sampler gets the arguments of the pipeline's own ``set_timesteps``
     (:meth:`configure`).
+
+    A call (:meth:`sagkit.sd.pipeline.GuidedPipeline.__call__`) is Stable Diffusion's
+    (:class:`sagkit.sd.pipeline.GuidedStableDiffusion`: latents (B, C, h, w), a ``loss_fn``
+    of images) with ``cfg_scale`` defaulting to SD3's pipeline's ``guidance_scale`` (7), height
+    and width multiples of f·p (f the VAE's factor, p the patch size) and ``sampler`` the
+    pipeline's scheduler by default, driven as the pipeline drives it (:meth:`configure`;
+    "ddim" is sagkit's uniform grid in t). It returns diffusers'
+    ``StableDiffusion3PipelineOutput`` or ``FluxPipelineOutput`` (``.images``). Its own
+    arguments:
+
+    - ``num_images_per_prompt`` (default 1): images per prompt; the batch is B = prompts ×
+      this;
+    - ``pooled_prompt_embeds`` (B, P), with ``prompt_embeds`` (B, L, D), and
+      ``negative_pooled_prompt_embeds`` (1, P), with ``negative_prompt_embeds`` (1, L, D):
+      the text as embeddings (:meth:`encode`);
+    - ``max_sequence_length`` (default the pipeline's): the T5 tokens (:meth:`encode`);
+    - ``guidance_scale``: FLUX-dev's distilled guidance (:class:`GuidedFlux`); refused by SD3,
+      whose CFG scale is ``cfg_scale``.
     """
 
     denoiser_name = "transformer"
+    call_arguments = {
+        "guidance_scale": None,
+        "num_images_per_prompt": 1,
+        "pooled_prompt_embeds": None,
+        "negative_pooled_prompt_embeds": None,
+        "max_sequence_length": None,
+    }
     model_class: ClassVar[type] = FlowTransformerModel
     """The model of the pipeline's transformer."""
     mu_defaults: ClassVar[tuple[int, int, float, float]] = (256, 4096, 0.5, 1.15)
@@ -296,11 +321,6 @@ class FlowPipeline(GuidedPipeline):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        if not hasattr(pipe, "image_processor"):
-            raise TypeError(
-                f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no "
-                ".image_processor"
-            )
         if not is_flow_scheduler(pipe.scheduler):
             raise TypeError(
                 f"pipe must be a {self.pipeline_name} with a flow-matching scheduler, got "
@@ -346,30 +366,12 @@ class FlowPipeline(GuidedPipeline):
         ``max_sequence_length``: the T5 tokens (default the pipeline's: 256 for SD3, 512 for
         FLUX).
         """
-        config = self.denoiser.config
-        width, pooled_width = config.joint_attention_dim, config.pooled_projection_dim
-        where = "the transformer's joint_attention_dim and pooled_projection_dim"
-        for name, embeds, shape in (
-            ("prompt_embeds", prompt_embeds, (None, None, width)),
-            ("pooled_prompt_embeds", pooled_prompt_embeds, (None, pooled_width)),
-            ("negative_prompt_embeds", negative_prompt_embeds, (1, None, width)),
-            ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, (1, pooled_width)),
-        ):
-            check_embeds(embeds, name, shape=shape, where=where)
-        for name, text, pooled in (
-            ("prompt_embeds", prompt_embeds, pooled_prompt_embeds),
-            ("negative_prompt_embeds", negative_prompt_embeds, negative_pooled_prompt_embeds),
-        ):
-            if (text is None) != (pooled is None):
-                pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
-                raise ValueError(
-                    f"give {name} and {pooled_name} together (the transformer takes both)"
-                )
-        if prompt_embeds is not None and prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
-            raise ValueError(
-                f"pooled_prompt_embeds must have one row per prompt_embeds row, got "
-                f"{tuple(pooled_prompt_embeds.shape)} for {tuple(prompt_embeds.shape)}"
-            )
+        self.check_text_embeds(
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        )
         if negative_prompt_embeds is not None and negative_prompt is not None:
             raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
         prompt, _ = check_prompts(
@@ -400,6 +402,41 @@ class FlowPipeline(GuidedPipeline):
         cond = pack_text(text.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
         null = pack_text(*(e.to(self.device, self.dtype) for e in negative))
         return cond, null
+
+    def check_text_embeds(
+        self,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+    ) -> None:
+        """Raise unless the embeddings given (:meth:`encode`) are floating tensors of the
+        transformer's widths, each text's with its pooled embedding, one pooled row per row of
+        ``prompt_embeds``."""
+        config = self.denoiser.config
+        width, pooled_width = config.joint_attention_dim, config.pooled_projection_dim
+        where = "the transformer's joint_attention_dim and pooled_projection_dim"
+        for name, embeds, shape in (
+            ("prompt_embeds", prompt_embeds, (None, None, width)),
+            ("pooled_prompt_embeds", pooled_prompt_embeds, (None, pooled_width)),
+            ("negative_prompt_embeds", negative_prompt_embeds, (1, None, width)),
+            ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, (1, pooled_width)),
+        ):
+            check_embeds(embeds, name, shape=shape, where=where)
+        for name, text, pooled in (
+            ("prompt_embeds", prompt_embeds, pooled_prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_pooled_prompt_embeds),
+        ):
+            if (text is None) != (pooled is None):
+                pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
+                raise ValueError(
+                    f"give {name} and {pooled_name} together (the transformer takes both)"
+                )
+        if prompt_embeds is not None and prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
+            raise ValueError(
+                f"pooled_prompt_embeds must have one row per prompt_embeds row, got "
+                f"{tuple(pooled_prompt_embeds.shape)} for {tuple(prompt_embeds.shape)}"
+            )
 
     def configure(self, config: GuidanceConfig, latents: torch.Tensor) -> GuidanceConfig:
         """A flow-matching scheduler as the sampler (bare, or by class name, built from the
@@ -464,79 +501,10 @@ class FlowPipeline(GuidedPipeline):
         """diffusers' output object of the pipeline holding ``images``."""
         raise NotImplementedError
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
-        *,
-        loss_fn: Callable | None = None,
-        config: GuidanceConfig | None = None,
-        preset: str | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int | None = None,
-        output_type: str = "pil",
-        return_losses: bool = False,
-        progress: bool = True,
-        **options,
-    ):
-        """Guided text-to-image sampling with Stable Diffusion 3 or FLUX.
-
-        As :class:`sagkit.sd.pipeline.GuidedStableDiffusion` (the configuration, ``loss_fn``,
-        ``generator``, ``latents`` (B, C, h, w), ``output_type``, ``return_losses``), with
-        ``cfg_scale`` defaulting to SD3's pipeline's ``guidance_scale`` (7) and the text as
-        embeddings where wanted: ``prompt_embeds`` (B, L, D) with ``pooled_prompt_embeds``
-        (B, P), ``negative_prompt_embeds`` (1, L, D) with ``negative_pooled_prompt_embeds``
-        (1, P) (see :meth:`FlowPipeline.encode`). height and width are multiples of f·p (f the
-        VAE's factor, p the patch size). ``sampler``: the pipeline's scheduler by default,
-        driven as the pipeline drives it (:meth:`FlowPipeline.configure`); "ddim" is
-        sagkit's uniform grid in t.
-
-        With FLUX (:class:`GuidedFlux`):
-
-        - ``guidance_scale``: the distilled guidance of FLUX-dev's transformer (default the
-          pipeline's, 3.5; ignored by FLUX-schnell's);
-        - ``cfg_scale`` (an option): CFG around the negative prompt (default "") with this w,
-          diffusers' ``true_cfg_scale``; without it, no CFG (one network call a step);
-        - height and width multiples of 2f; ``latents`` unpacked, (B, C, h, w);
-        - the sampler: the pipeline's scheduler by default with ``FluxPipeline``'s σ's and μ
-          (:meth:`timestep_options`).
-
-        Returns:
-            diffusers' ``StableDiffusion3PipelineOutput`` or ``FluxPipelineOutput``
-            (``.images``), with ``return_losses`` a pair (output, losses).
-        """
-        return self.generate(
-            prompt,
-            negative_prompt,
-            loss_fn=loss_fn,
-            config=config,
-            preset=preset,
-            latents=latents,
-            generator=generator,
-            output_type=output_type,
-            return_losses=return_losses,
-            progress=progress,
-            encode_options={
-                "num_images_per_prompt": num_images_per_prompt,
-                "max_sequence_length": max_sequence_length,
-                "prompt_embeds": prompt_embeds,
-                "pooled_prompt_embeds": pooled_prompt_embeds,
-                "negative_prompt_embeds": negative_prompt_embeds,
-                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
-            },
-            sizes={"height": height, "width": width},
-            options=options,
-            model_options=self.model_options(guidance_scale),
-        )
+    def call_parts(self, generator, *, guidance_scale, **text) -> CallParts:
+        """The samples per prompt, the pooled embeddings and ``max_sequence_length`` to
+        :meth:`encode`; ``guidance_scale`` to :meth:`model` (:meth:`model_options`)."""
+        return CallParts(encode=text, model=self.model_options(guidance_scale))
 
     def model_options(self, guidance_scale: float | None) -> dict:
         """The keyword arguments of :meth:`model` for a call's ``guidance_scale``: none, as
@@ -604,6 +572,17 @@ class GuidedFlux(FlowPipeline):
     conditional model alone, as ``FluxPipeline`` samples by default (its guidance is distilled
     into the network: ``guidance_scale`` goes in as an input of FLUX-dev's transformer); with
     one, CFG around the negative prompt (diffusers' ``true_cfg_scale``).
+
+    A call (:meth:`sagkit.sd.pipeline.GuidedPipeline.__call__`) takes the arguments of
+    :class:`FlowPipeline`, with
+
+    - ``guidance_scale``: the distilled guidance of FLUX-dev's transformer (default the
+      pipeline's, 3.5; ignored by FLUX-schnell's);
+    - ``cfg_scale`` (an option): CFG around the negative prompt (default "") with this w,
+      diffusers' ``true_cfg_scale``; without it, no CFG (one network call a step);
+    - height and width multiples of 2f; ``latents`` unpacked, (B, C, h, w);
+    - the sampler: the pipeline's scheduler by default with ``FluxPipeline``'s σ's and μ
+      (:meth:`timestep_options`).
     """
 
     pipeline_name = "diffusers FluxPipeline"

@@ -19,9 +19,11 @@
   at the end for the output, which goes through the pipeline's safety checker and image
   post-processing as diffusers' does (``return_losses`` adds one per step).
 
-What the image and the video pipeline (:class:`sagkit.sd.video.GuidedVideo`) share is
-:class:`GuidedPipeline`: the prompts' embeddings, the text-conditioned model, the
-configuration, the initial noise and the checks of the latents and the generator.
+What the image, the video (:class:`sagkit.sd.video.GuidedVideo`) and the flow-matching
+pipelines (:mod:`sagkit.sd.flow`) share is :class:`GuidedPipeline`: the one call (each
+pipeline adds its own arguments, :attr:`GuidedPipeline.call_arguments`), the prompts'
+embeddings, the text-conditioned model, the configuration, the initial noise and the checks
+of the latents and the generator.
 
 Precision: with half-precision weights the UNet, the decoder and a CLIP loss run in half
 precision while the latents, the text embeddings used as conditions, the adjoint and the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -43,6 +46,7 @@ from ..guidance.sampler import guided_sample
 from .latent import TextConditionedModel, decoded_loss, vae_input
 
 __all__ = [
+    "CallParts",
     "GuidedPipeline",
     "GuidedStableDiffusion",
     "OUTPUT_TYPES",
@@ -54,16 +58,34 @@ __all__ = [
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+@dataclass(frozen=True)
+class CallParts:
+    """What a pipeline's own arguments of a call add to its steps
+    (:meth:`GuidedPipeline.call_parts`): the keyword arguments of each."""
+
+    encode: dict = field(default_factory=dict)
+    """Of :meth:`GuidedPipeline.encode` (the samples per prompt, more embeddings)."""
+    sizes: dict = field(default_factory=dict)
+    """Latent sizes besides height and width (:meth:`GuidedPipeline.latent_shape`)."""
+    loss: dict = field(default_factory=dict)
+    """Of :meth:`GuidedPipeline.latent_loss`."""
+    model: dict = field(default_factory=dict)
+    """Of :meth:`GuidedPipeline.model`."""
+    decode: dict = field(default_factory=dict)
+    """Of the subclass's ``decode``."""
+
+
 class GuidedPipeline:
     """What guided sampling shares over a diffusers text-to-image or text-to-video pipeline.
 
     Build a subclass with :meth:`from_pipe`. The pipeline's components are used as loaded
     (dtype, device); nothing is copied or downloaded. A subclass gives the layout of its
     latents (:attr:`latent_dims`, :meth:`latent_shape`, :meth:`latent_sizes`), its model
-    (:meth:`model`), its decoded loss and its ``__call__``, which chains :meth:`encode`,
-    :meth:`prepare_latents`, :meth:`sample` and its own decode. The denoising network is the
-    pipeline's attribute :attr:`denoiser_name` (a UNet, or the transformer of the
-    flow-matching pipelines, :mod:`sagkit.sd.flow`).
+    (:meth:`model`), its decoded loss, its ``decode`` and the arguments of its own
+    (:attr:`call_arguments`, :meth:`call_parts`); the one :meth:`__call__` chains
+    :meth:`encode`, :meth:`prepare_latents`, :meth:`sample` and ``decode``. The denoising
+    network is the pipeline's attribute :attr:`denoiser_name` (a UNet, or the transformer of
+    the flow-matching pipelines, :mod:`sagkit.sd.flow`).
     """
 
     pipeline_name: ClassVar[str] = "diffusers pipeline"
@@ -72,12 +94,18 @@ class GuidedPipeline:
     """The names of the latents' axes after (B, C)."""
     denoiser_name: ClassVar[str] = "unet"
     """The pipeline's attribute holding the denoising network ("unet", "transformer")."""
+    processor_name: ClassVar[str] = "image_processor"
+    """The pipeline's attribute that post-processes the decoded output."""
     cfg_optional: ClassVar[bool] = False
     """Whether a run without ``cfg_scale`` samples the conditional model alone (FLUX, whose
     guidance is distilled into the network), rather than CFG at w = 1."""
+    call_arguments: ClassVar[dict[str, object]] = {}
+    """The keyword arguments of :meth:`__call__` that this pipeline adds to the common ones,
+    name → default (the class's docstring says what each is); any other keyword is a field
+    of :class:`~sagkit.guidance.config.GuidanceConfig`."""
 
     def __init__(self, pipe):
-        for name in (self.denoiser_name, "vae", "scheduler", "encode_prompt"):
+        for name in (self.denoiser_name, "vae", "scheduler", "encode_prompt", self.processor_name):
             if not hasattr(pipe, name):
                 raise TypeError(
                     f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no .{name}"
@@ -271,55 +299,75 @@ class GuidedPipeline:
         self.check_latents(latents, batch, **sizes)
         return latents.to(self.device, self.dtype)
 
+    def call_parts(self, generator, **arguments) -> CallParts:
+        """What the values of this pipeline's own arguments (:attr:`call_arguments`) and the
+        call's ``generator`` add to the steps of a call, checked before anything runs."""
+        raise NotImplementedError
+
     def latent_loss(self, loss_fn: Callable) -> Callable:
         """z ↦ loss_fn(D(z / s + b)) on the pipeline's VAE (:func:`~sagkit.sd.latent.decoded_loss`);
         ``loss_fn`` takes images in [-1, 1]. A video pipeline decodes in chunks instead."""
         return decoded_loss(self.pipe.vae, loss_fn)
 
-    def generate(
+    def __call__(
         self,
-        prompt,
-        negative_prompt,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
         *,
-        loss_fn: Callable | None,
-        config: GuidanceConfig | None,
-        preset: str | None,
-        latents,
-        generator,
-        output_type: str,
-        return_losses: bool,
-        progress: bool,
-        encode_options: dict,
-        sizes: dict,
-        options: dict,
-        model_options: dict | None = None,
-        loss_options: dict | None = None,
-        decode_options: dict | None = None,
+        loss_fn: Callable | None = None,
+        config: GuidanceConfig | None = None,
+        preset: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = None,
+        return_losses: bool = False,
+        progress: bool = True,
+        **options,
     ):
-        """What every pipeline's ``__call__`` does: encode the prompts (:meth:`encode` with
-        ``encode_options``), draw or check x_T (:meth:`prepare_latents` with the latents'
-        ``sizes``), sample (:meth:`sample` with the GuidanceConfig ``options`` and
-        ``model_options``), decode (``decode_options``, which :meth:`latent_loss` takes too
-        where ``loss_options`` says so); returns the output, with ``return_losses`` a pair
-        (output, losses)."""
+        """Guided sampling: diffusers' output of the pipeline (the class's docstring says which,
+        and lists the arguments of its own, :attr:`call_arguments`), with ``return_losses`` a
+        pair (output, losses).
+
+        Args:
+            prompt: a string or B strings (or ``prompt_embeds`` (B, L, D)).
+            negative_prompt: one string, the unconditional branch of CFG for the whole batch
+                (default ""; or ``negative_prompt_embeds`` (1, L, D)).
+            loss_fn: decoded images (B, 3, H, W) or videos (B, 3, F, H, W) in [-1, 1] → (B,)
+                values (:mod:`sagkit.sd.clip`); ``None`` with ``guidance="none"``.
+            config: every choice of guided sampling (:meth:`sample`); not with ``preset``.
+            preset: "sag-paper", "freedom-paper" or "dps-paper".
+            height, width: positive multiples of f·:attr:`latent_multiple` (f the VAE's factor;
+                default :attr:`default_latent_size` times f; with ``latents``, theirs).
+            generator: a ``torch.Generator`` (or a list of B, one per sample, as diffusers
+                accepts) for x_T; the first also drives time travel and stochastic schedulers.
+            latents: x_T (B, C, …) of :attr:`latent_dims` instead of drawing it.
+            output_type: "pil", "np", "pt" (in [0, 1]) or "latent"; default the pipeline's.
+            return_losses: also return L along the run, (steps + 1, B)
+                (:func:`sagkit.guided_sample`).
+            progress: show the sampler's progress bar.
+            **options: fields of :class:`~sagkit.guidance.config.GuidanceConfig` (``guidance``,
+                ``steps``, ``n``, ``scale``, ``window``, ``repeats``, ``sampler`` (default the
+                pipeline's scheduler), ``estimate_grid``, ``step_size``, ``backward_steps``,
+                ``cfg_scale`` (default the pipeline's ``guidance_scale``), ``gradient``,
+                ``reuse_eps``).
+        """
+        own = {name: options.pop(name, default) for name, default in self.call_arguments.items()}
+        parts = self.call_parts(generator, **own)  # checked before anything runs
+        output_type = self.pipeline_default("output_type") if output_type is None else output_type
         check_output_type(output_type)
-        cond, null = self.encode(prompt, negative_prompt=negative_prompt, **encode_options)
+        text = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        cond, null = self.encode(prompt, negative_prompt=negative_prompt, **text, **parts.encode)
+        sizes = {"height": height, "width": width, **parts.sizes}
         x_T = self.prepare_latents(latents, cond.shape[0], generator=generator, **sizes)
-        loss = None if loss_fn is None else self.latent_loss(loss_fn, **(loss_options or {}))
-        z, losses = self.sample(
-            x_T,
-            cond,
-            null,
-            loss_fn=loss,
-            config=config,
-            preset=preset,
-            generator=generator,
-            progress=progress,
-            return_losses=return_losses,
-            model_options=model_options,
-            **options,
-        )
-        output = self.decode(z, output_type=output_type, **(decode_options or {}))
+        loss = None if loss_fn is None else self.latent_loss(loss_fn, **parts.loss)
+        sampling = {"config": config, "preset": preset, "model_options": parts.model}
+        run = {"generator": generator, "progress": progress, "return_losses": return_losses}
+        z, losses = self.sample(x_T, cond, null, loss_fn=loss, **sampling, **run, **options)
+        output = self.decode(z, output_type=output_type, **parts.decode)
         return (output, losses) if return_losses else output
 
     def sample(
@@ -350,18 +398,14 @@ class GuidedPipeline:
         (one network call a step).
         """
         model = self.model(null, **(model_options or {}))
-        if config is None:
-            config = GuidanceConfig.resolve(
-                preset=preset, model=model, cond=cond, defaults=self.defaults(loss_fn), **options
-            )
-        elif preset is not None:
-            raise ValueError(
-                "give config or preset, not both (GuidanceConfig.resolve takes a preset)"
-            )
-        elif not isinstance(config, GuidanceConfig):
-            raise TypeError(f"config must be a GuidanceConfig, got {type(config).__name__}")
-        else:
-            config = config.replace(**options)
+        config = GuidanceConfig.coerce(
+            config,
+            preset=preset,
+            model=model,
+            cond=cond,
+            defaults=self.defaults(loss_fn),
+            **options,
+        )
         config = self.configure(config, latents)
         if self.cfg_optional and config.cfg_scale is None:  # cond is the model's own condition
             model, cond = self.model(cond, **(model_options or {})), None
@@ -389,17 +433,19 @@ class GuidedStableDiffusion(GuidedPipeline):
 
     Build it with :meth:`from_pipe`. The pipeline's components are used as loaded (dtype,
     device); nothing is copied or downloaded.
+
+    A call (:meth:`GuidedPipeline.__call__`) takes latents (B, C, h, w) (C the UNet's
+    ``in_channels``), a ``loss_fn`` of images (B, 3, H, W), e.g.
+    :class:`sagkit.sd.clip.StyleLoss`, and ``cfg_scale`` 7.5 by default; it returns diffusers'
+    ``StableDiffusionPipelineOutput`` (``.images``, ``.nsfw_content_detected``). Its own
+    argument:
+
+    - ``num_images_per_prompt`` (default 1): images per prompt; the batch is B = prompts ×
+      this.
     """
 
     pipeline_name = "diffusers StableDiffusionPipeline"
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        if not hasattr(pipe, "image_processor"):
-            raise TypeError(
-                f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no "
-                ".image_processor"
-            )
+    call_arguments = {"num_images_per_prompt": 1}
 
     def latent_shape(
         self, batch: int, *, height: int | None = None, width: int | None = None
@@ -414,80 +460,12 @@ class GuidedStableDiffusion(GuidedPipeline):
         factor = self.pipe.vae_scale_factor
         return {"height": latents.shape[2] * factor, "width": latents.shape[3] * factor}
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
-        *,
-        loss_fn: Callable | None = None,
-        config: GuidanceConfig | None = None,
-        preset: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_losses: bool = False,
-        progress: bool = True,
-        **options,
-    ):
-        """Guided text-to-image sampling.
-
-        The choices of the run are a :class:`~sagkit.guidance.config.GuidanceConfig`:
-        ``config`` (the ``options`` given override its fields), or one resolved from
-        :meth:`defaults`, then the ``preset`` (built from the pipeline's scheduler config),
-        then the ``options`` given.
-
-        Args:
-            prompt: a string or B strings (or ``prompt_embeds`` (B, L, D)).
-            negative_prompt: one string, the unconditional branch of CFG for the whole batch
-                (default ""; or ``negative_prompt_embeds`` (1, L, D)).
-            loss_fn: decoded images (B, 3, H, W) in [-1, 1] (the VAE's range) → (B,) values,
-                e.g. :class:`sagkit.sd.clip.StyleLoss`; ``None`` with ``guidance="none"``.
-            config: every choice of guided sampling; not with ``preset``.
-            preset: "sag-paper", "freedom-paper" or "dps-paper".
-            height, width: image size, positive multiples of the VAE's factor f (default the
-                UNet's sample size times f; with ``latents``, their size times f).
-            num_images_per_prompt: images per prompt; the batch is B = prompts × this.
-            generator: a ``torch.Generator`` (or a list of B, one per image, as diffusers
-                accepts) for the initial noise; the first also drives time travel and
-                stochastic schedulers.
-            latents: x_T (B, C, h, w) instead of drawing it (C the UNet's ``in_channels``).
-            output_type: "pil" (default), "np", "pt" (images in [0, 1]) or "latent".
-            return_losses: also return L along the run (see :func:`sagkit.guided_sample`),
-                (steps + 1, B).
-            progress: show the sampler's progress bar.
-            **options: fields of :class:`~sagkit.guidance.config.GuidanceConfig`
-                (``guidance``, ``steps``, ``n``, ``scale``, ``window``, ``repeats``,
-                ``sampler`` (a scheduler of the pipeline's training schedule, default the
-                pipeline's), ``estimate_grid``, ``step_size``, ``backward_steps``,
-                ``cfg_scale`` (default 7.5), ``gradient``, ``reuse_eps``).
-        Returns:
-            diffusers' ``StableDiffusionPipelineOutput`` (``.images``,
-            ``.nsfw_content_detected``), with ``return_losses`` a pair (output, losses).
-        """
-        return self.generate(
-            prompt,
-            negative_prompt,
-            loss_fn=loss_fn,
-            config=config,
-            preset=preset,
-            latents=latents,
-            generator=generator,
-            output_type=output_type,
-            return_losses=return_losses,
-            progress=progress,
-            encode_options={
-                "num_images_per_prompt": num_images_per_prompt,
-                "prompt_embeds": prompt_embeds,
-                "negative_prompt_embeds": negative_prompt_embeds,
-            },
-            sizes={"height": height, "width": width},
-            options=options,
-            decode_options={"generator": generator},
+    def call_parts(self, generator, *, num_images_per_prompt) -> CallParts:
+        """The samples per prompt to :meth:`encode`; the generator to :meth:`decode`, as
+        diffusers' pipeline passes it to the VAE's decoder."""
+        return CallParts(
+            encode={"num_images_per_prompt": num_images_per_prompt},
+            decode={"generator": generator},
         )
 
     @torch.no_grad()

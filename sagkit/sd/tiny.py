@@ -23,10 +23,13 @@ import torch
 __all__ = [
     "TEXT_WIDTH",
     "tiny_tokenizer",
+    "tiny_text_encoder",
+    "tiny_unet",
     "tiny_unet_and_vae",
     "tiny_vae",
     "tiny_pipeline",
     "tiny_clip_vision",
+    "assemble",
     "cast_components",
 ]
 
@@ -48,26 +51,62 @@ def tiny_tokenizer(max_length: int = 77):
     )
 
 
-def tiny_unet_and_vae(
-    *, latent_size: int = 16, cross_attention_dim: int = TEXT_WIDTH, seed: int = 0
-):
-    """A tiny random ``UNet2DConditionModel`` (4 latent channels, widths 16 and 32, cross
-    attention to ``cross_attention_dim``) and ``AutoencoderKL`` (images 2·``latent_size``
-    square), built in that order after ``torch.manual_seed(seed)``."""
-    from diffusers import UNet2DConditionModel
+def tiny_text_encoder(tokenizer, model_class, **config):
+    """A random CLIP text encoder ``model_class`` (``CLIPTextModel``,
+    ``CLIPTextModelWithProjection``) for ``tokenizer``'s vocabulary and sequence length: width
+    :data:`TEXT_WIDTH`, 2 layers, 4 heads; ``config`` adds to or overrides its
+    ``CLIPTextConfig``."""
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return model_class(
+        CLIPTextConfig(
+            **{
+                "vocab_size": len(tokenizer),
+                "hidden_size": TEXT_WIDTH,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": tokenizer.model_max_length,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 1,
+                **config,
+            }
+        )
+    )
+
+
+def tiny_unet(
+    unet_class, *, latent_size: int, cross_attention_dim: int = TEXT_WIDTH, blocks: str = "2D"
+):
+    """A tiny random ``unet_class`` (``UNet2DConditionModel``, or ``UNet3DConditionModel`` with
+    ``blocks="3D"``): 4 latent channels, widths 16 and 32, one layer a block, cross attention
+    to ``cross_attention_dim`` in the outer blocks."""
+    return unet_class(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=(f"CrossAttnDownBlock{blocks}", f"DownBlock{blocks}"),
+        up_block_types=(f"UpBlock{blocks}", f"CrossAttnUpBlock{blocks}"),
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=8,
         attention_head_dim=4,
+    )
+
+
+def tiny_unet_and_vae(
+    *, latent_size: int = 16, cross_attention_dim: int = TEXT_WIDTH, seed: int = 0
+):
+    """A tiny random ``UNet2DConditionModel`` (:func:`tiny_unet`) and ``AutoencoderKL``
+    (:func:`tiny_vae`, images 2·``latent_size`` square), built in that order after
+    ``torch.manual_seed(seed)``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = tiny_unet(
+        UNet2DConditionModel, latent_size=latent_size, cross_attention_dim=cross_attention_dim
     )
     return unet, tiny_vae(latent_size=latent_size)
 
@@ -98,23 +137,10 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
     (scaled-linear β from 0.00085 to 0.012, ᾱ_final = ᾱ_0, ``steps_offset=1``), no safety
     checker. The VAE halves the side once: images are 2·``latent_size`` square."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     unet, vae = tiny_unet_and_vae(latent_size=latent_size, seed=seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -123,9 +149,11 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    return assemble(
+        StableDiffusionPipeline,
+        dtype=dtype,
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=tiny_text_encoder(tokenizer, CLIPTextModel),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
@@ -133,10 +161,6 @@ def tiny_pipeline(*, latent_size: int = 16, seed: int = 0, dtype=torch.float32):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return cast_components(pipe, dtype)
 
 
 def tiny_clip_vision(*, image_size: int = 32, seed: int = 0, dtype=torch.float32):
@@ -154,6 +178,18 @@ def tiny_clip_vision(*, image_size: int = 32, seed: int = 0, dtype=torch.float32
         projection_dim=16,
     )
     return CLIPVisionModelWithProjection(config).eval().requires_grad_(False).to(dtype)
+
+
+def assemble(pipeline_class, *, dtype: torch.dtype, **components):
+    """``pipeline_class(**components)`` as every tiny pipeline is finished: no progress bar,
+    every module in eval mode without parameter gradients, cast to ``dtype``
+    (:func:`cast_components`)."""
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    return cast_components(pipe, dtype)
 
 
 def cast_components(pipe, dtype: torch.dtype):

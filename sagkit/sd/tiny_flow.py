@@ -20,7 +20,7 @@ import string
 
 import torch
 
-from .tiny import cast_components, tiny_tokenizer, tiny_vae
+from .tiny import assemble, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 __all__ = ["TEXT_WIDTH", "tiny_t5_tokenizer", "tiny_t5", "tiny_flow_vae", "tiny_sd3", "tiny_flux"]
 
@@ -62,22 +62,14 @@ def tiny_t5(vocab_size: int):
 
 
 def _clip_text(tokenizer, model_class):
-    """A CLIP text encoder of width :data:`CLIP_WIDTH` (projection of the same width)."""
-    from transformers import CLIPTextConfig
-
-    return model_class(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=CLIP_WIDTH,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=CLIP_WIDTH,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+    """A CLIP text encoder of width :data:`CLIP_WIDTH` (projection of the same width), 2
+    heads (:func:`~sagkit.sd.tiny.tiny_text_encoder`)."""
+    return tiny_text_encoder(
+        tokenizer,
+        model_class,
+        hidden_size=CLIP_WIDTH,
+        num_attention_heads=2,
+        projection_dim=CLIP_WIDTH,
     )
 
 
@@ -91,15 +83,6 @@ def tiny_flow_vae(*, latent_size: int, scaling_factor: float, shift_factor: floa
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-
-
-def _finish(pipe, dtype):
-    """No progress bar, eval mode, no parameter gradients, every module in ``dtype``."""
-    pipe.set_progress_bar_config(disable=True)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval().requires_grad_(False)
-    return cast_components(pipe, dtype)
 
 
 def tiny_sd3(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
@@ -130,7 +113,9 @@ def tiny_sd3(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
         pos_embed_max_size=latent_size,
     )
     tokenizer, t5_tokenizer = tiny_tokenizer(), tiny_t5_tokenizer()
-    pipe = StableDiffusion3Pipeline(
+    return assemble(
+        StableDiffusion3Pipeline,
+        dtype=dtype,
         transformer=transformer,
         text_encoder=_clip_text(tokenizer, CLIPTextModelWithProjection),
         text_encoder_2=_clip_text(tokenizer, CLIPTextModelWithProjection),
@@ -141,7 +126,6 @@ def tiny_sd3(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
         vae=tiny_flow_vae(latent_size=latent_size, scaling_factor=1.5305, shift_factor=0.0609),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
-    return _finish(pipe, dtype)
 
 
 def tiny_flux(
@@ -179,7 +163,9 @@ def tiny_flux(
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
+    pipe = assemble(
+        FluxPipeline,
+        dtype=dtype,
         transformer=transformer,
         text_encoder=_clip_text(tokenizer, CLIPTextModel),
         text_encoder_2=tiny_t5(len(t5_tokenizer)),
@@ -189,4 +175,4 @@ def tiny_flux(
         scheduler=scheduler,
     )
     pipe.default_sample_size = latent_size
-    return _finish(pipe, dtype)
+    return pipe

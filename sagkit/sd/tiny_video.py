@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import TEXT_WIDTH, cast_components, tiny_pipeline
+from .tiny import assemble, tiny_pipeline, tiny_unet
 
 __all__ = ["tiny_animatediff", "tiny_text_to_video"]
 
 
-def _shared(latent_size: int, seed: int) -> dict:
-    """The text encoder, tokenizer, VAE, scheduler and 2-D UNet of the tiny SD pipeline."""
-    return dict(tiny_pipeline(latent_size=latent_size, seed=seed).components)
-
-
-def _finish(pipeline_class, parts: dict, dtype, **modules):
-    """``pipeline_class`` of the shared text encoder, tokenizer, VAE and scheduler and the
-    ``modules`` given (its UNet, ...): no progress bar, eval mode, no parameter gradients,
-    every module in ``dtype``."""
-    shared = ("vae", "text_encoder", "tokenizer", "scheduler")
-    pipe = pipeline_class(**{name: parts[name] for name in shared}, **modules)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
-    return cast_components(pipe, dtype)
+def _sd_parts(latent_size: int, seed: int) -> dict:
+    """The VAE, text encoder, tokenizer, scheduler and 2-D UNet of the tiny SD pipeline."""
+    parts = tiny_pipeline(latent_size=latent_size, seed=seed).components
+    return {name: parts[name] for name in ("vae", "text_encoder", "tokenizer", "scheduler", "unet")}
 
 
 def tiny_animatediff(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
@@ -44,7 +33,7 @@ def tiny_animatediff(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32
     DDIM scheduler."""
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
-    parts = _shared(latent_size, seed)
+    parts = _sd_parts(latent_size, seed)
     torch.manual_seed(seed)
     adapter = MotionAdapter(
         block_out_channels=(16, 32),
@@ -53,25 +42,16 @@ def tiny_animatediff(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32
         motion_norm_num_groups=8,
         motion_max_seq_length=32,
     )
-    return _finish(AnimateDiffPipeline, parts, dtype, unet=parts["unet"], motion_adapter=adapter)
+    return assemble(AnimateDiffPipeline, dtype=dtype, **parts, motion_adapter=adapter)
 
 
 def tiny_text_to_video(*, latent_size: int = 8, seed: int = 0, dtype=torch.float32):
-    """A ``TextToVideoSDPipeline``: a random ``UNet3DConditionModel`` (widths 16 and 32, one
-    layer a block, cross attention to the tiny text encoder); the tiny SD text encoder, VAE
-    (frames 2·``latent_size`` square) and DDIM scheduler."""
+    """A ``TextToVideoSDPipeline``: a random ``UNet3DConditionModel`` (:func:`tiny_unet`, cross
+    attention to the tiny text encoder); the tiny SD text encoder, VAE (frames
+    2·``latent_size`` square) and DDIM scheduler."""
     from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
-    parts = _shared(latent_size, seed)
+    parts = _sd_parts(latent_size, seed)
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        sample_size=latent_size,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=TEXT_WIDTH,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
-    return _finish(TextToVideoSDPipeline, parts, dtype, unet=unet)
+    unet = tiny_unet(UNet3DConditionModel, latent_size=latent_size, blocks="3D")
+    return assemble(TextToVideoSDPipeline, dtype=dtype, **{**parts, "unet": unet})

@@ -21,7 +21,7 @@ chunk's activations at a time (docs/maths.md §11.9).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,9 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.checks import check_count
 from ..gradients.memory import checkpoint_contexts
-from ..guidance.config import GuidanceConfig
 from .latent import TextConditionedModel, vae_input
-from .pipeline import GuidedPipeline
+from .pipeline import CallParts, GuidedPipeline
 
 __all__ = [
     "DECODE_CHUNK_SIZE",
@@ -178,20 +177,37 @@ class GuidedVideo(GuidedPipeline):
 
     Build it with :meth:`from_pipe`. The pipeline's components are used as loaded (dtype,
     device); nothing is copied or downloaded.
+
+    A call (:meth:`sagkit.sd.pipeline.GuidedPipeline.__call__`) takes latents (B, C, F, h, w)
+    (C the UNet's ``in_channels``), a ``loss_fn`` of decoded pixel video (B, 3, F, H, W), e.g.
+    :func:`sagkit.sd.video_losses.video_style_loss`, and ``cfg_scale`` the pipeline's
+    ``guidance_scale`` by default (7.5 for AnimateDiff, 9 for TextToVideoSD); stochastic
+    schedulers draw their noise in the (B, C, F, h, w) layout. ``output_type`` is by default
+    the pipeline's ("pil" for AnimateDiff, "np" for TextToVideoSD). It returns diffusers'
+    ``AnimateDiffPipelineOutput`` or ``TextToVideoSDPipelineOutput`` (``.frames``:
+    (B, F, 3, H, W) for "pt" and "np", B lists of F images for "pil", the latents
+    (B, C, F, h, w) for "latent"). Its own arguments:
+
+    - ``num_frames`` (default the pipeline's, 16; with ``latents``, theirs): F;
+    - ``num_videos_per_prompt`` (default 1): videos per prompt; the batch is B = prompts ×
+      this;
+    - ``decode_chunk_size`` (default :data:`DECODE_CHUNK_SIZE`): frames per decoder call, in
+      the loss and for the output.
     """
 
     pipeline_name = "diffusers AnimateDiffPipeline or TextToVideoSDPipeline"
     latent_dims = ("F", "h", "w")
+    processor_name = "video_processor"
+    call_arguments = {
+        "num_frames": None,
+        "num_videos_per_prompt": 1,
+        "decode_chunk_size": DECODE_CHUNK_SIZE,
+    }
 
     def __init__(self, pipe):
         from diffusers import UNet3DConditionModel, UNetMotionModel
 
         super().__init__(pipe)
-        if not hasattr(pipe, "video_processor"):
-            raise TypeError(
-                f"pipe must be a {self.pipeline_name}; {type(pipe).__name__} has no "
-                ".video_processor"
-            )
         if not isinstance(pipe.unet, (UNetMotionModel, UNet3DConditionModel)):
             raise TypeError(
                 f"pipe must be a {self.pipeline_name}: its unet must be a UNetMotionModel or a "
@@ -236,96 +252,24 @@ class GuidedVideo(GuidedPipeline):
             "width": latents.shape[4] * factor,
         }
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
-        *,
-        loss_fn: Callable | None = None,
-        config: GuidanceConfig | None = None,
-        preset: str | None = None,
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_videos_per_prompt: int = 1,
-        decode_chunk_size: int = DECODE_CHUNK_SIZE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str | None = None,
-        return_losses: bool = False,
-        progress: bool = True,
-        **options,
-    ):
-        """Guided text-to-video sampling.
-
-        The choices of the run are a :class:`~sagkit.guidance.config.GuidanceConfig`:
-        ``config`` (the ``options`` given override its fields), or one resolved from
-        :meth:`defaults`, then the ``preset`` (built from the pipeline's scheduler config),
-        then the ``options`` given.
-
-        Args:
-            prompt: a string or B strings (or ``prompt_embeds`` (B, L, D)).
-            negative_prompt: one string, the unconditional branch of CFG for the whole batch
-                (default ""; or ``negative_prompt_embeds`` (1, L, D)).
-            loss_fn: decoded pixel video (B, 3, F, H, W) in [-1, 1] → (B,) values, e.g.
-                :func:`sagkit.sd.video_losses.video_style_loss`; ``None`` with
-                ``guidance="none"``.
-            config: every choice of guided sampling; not with ``preset``.
-            preset: "sag-paper", "freedom-paper" or "dps-paper".
-            num_frames: F (default the pipeline's, 16; with ``latents``, theirs).
-            height, width: frame size, positive multiples of the VAE's factor f (default the
-                UNet's sample size times f; with ``latents``, their size times f).
-            num_videos_per_prompt: videos per prompt; the batch is B = prompts × this.
-            decode_chunk_size: frames per decoder call, in the loss and for the output.
-            generator: a ``torch.Generator`` (or a list of B, one per video, as diffusers
-                accepts) for the initial noise; the first also drives time travel and
-                stochastic schedulers (which draw their noise in the (B, C, F, h, w) layout).
-            latents: x_T (B, C, F, h, w) instead of drawing it (C the UNet's ``in_channels``).
-            output_type: "pil", "np", "pt" (frames in [0, 1]) or "latent"; by default the
-                pipeline's ("pil" for AnimateDiff, "np" for TextToVideoSD).
-            return_losses: also return L along the run (see :func:`sagkit.guided_sample`),
-                (steps + 1, B).
-            progress: show the sampler's progress bar.
-            **options: fields of :class:`~sagkit.guidance.config.GuidanceConfig`, as for
-                :class:`~sagkit.sd.pipeline.GuidedStableDiffusion` (``cfg_scale`` defaults to
-                the pipeline's ``guidance_scale``: 7.5 for AnimateDiff, 9 for TextToVideoSD).
-        Returns:
-            diffusers' ``AnimateDiffPipelineOutput`` or ``TextToVideoSDPipelineOutput``
-            (``.frames``: (B, F, 3, H, W) for "pt" and "np", B lists of F images for "pil",
-            the latents (B, C, F, h, w) for "latent"), with ``return_losses`` a pair
-            (output, losses).
-        """
+    def call_parts(
+        self, generator, *, num_frames, num_videos_per_prompt, decode_chunk_size
+    ) -> CallParts:
+        """F to the latents' sizes, the videos per prompt to :meth:`encode` and the decode
+        chunk to the loss and :meth:`decode`; refuses a pipeline with AnimateDiff's FreeInit
+        or FreeNoise enabled (they change diffusers' loop)."""
         for feature in ("free_init", "free_noise"):  # AnimateDiff's other samplers
             if getattr(self.pipe, f"{feature}_enabled", False):
                 raise ValueError(
                     f"pipe has {feature} enabled, which changes diffusers' sampling loop; guided "
                     f"sampling runs the plain loop: call pipe.disable_{feature}() first"
                 )
-        if output_type is None:
-            output_type = self.pipeline_default("output_type")
         chunk = {"decode_chunk_size": check_count(decode_chunk_size, "decode_chunk_size")}
-        return self.generate(
-            prompt,
-            negative_prompt,
-            loss_fn=loss_fn,
-            config=config,
-            preset=preset,
-            latents=latents,
-            generator=generator,
-            output_type=output_type,
-            return_losses=return_losses,
-            progress=progress,
-            encode_options={
-                "num_images_per_prompt": num_videos_per_prompt,
-                "prompt_embeds": prompt_embeds,
-                "negative_prompt_embeds": negative_prompt_embeds,
-            },
-            sizes={"num_frames": num_frames, "height": height, "width": width},
-            options=options,
-            loss_options=chunk,
-            decode_options=chunk,
+        return CallParts(
+            encode={"num_images_per_prompt": num_videos_per_prompt},
+            sizes={"num_frames": num_frames},
+            loss=chunk,
+            decode=chunk,
         )
 
     @torch.no_grad()

@@ -17,12 +17,12 @@ from sagkit.sd.tiny import tiny_pipeline
 
 @functools.cache
 def digits():
-    return sk.load_pretrained("digits", device="cpu")
+    return sk.digits.load_pretrained("digits", device="cpu")
 
 
 @functools.cache
 def loss():
-    return sk.losses.target_class(sk.load_classifier("digits", device="cpu"), 3)
+    return sk.losses.target_class(sk.digits.load_classifier("digits", device="cpu"), 3)
 
 
 def xd(batch=2):
@@ -201,7 +201,7 @@ ROWS = [
         "sampler-name-on-a-model-without-scheduler",
         "G",  # was a TypeError naming the model's schedule; the name did not exist
         lambda: sk.guided_sample(
-            sk.digits_mixture(n_components=8, size=16),
+            sk.digits.digits_mixture(n_components=8, size=16),
             None,
             xd().double(),
             guidance="none",

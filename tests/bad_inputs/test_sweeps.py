@@ -80,12 +80,12 @@ FOLDERS = tempfile.TemporaryDirectory(prefix="sagkit-hostile-sweeps-")
 # --- inputs, built once ---------------------------------------------------------------------
 @functools.cache
 def digits():
-    return sk.load_pretrained("digits", device="cpu")
+    return sk.digits.load_pretrained("digits", device="cpu")
 
 
 @functools.cache
 def classifier():
-    return sk.load_classifier("digits", device="cpu")
+    return sk.digits.load_classifier("digits", device="cpu")
 
 
 @functools.cache
@@ -199,7 +199,7 @@ def written(name: str, version: str | None = None) -> Path:
     if version is None:
         sweep(WRITTEN[name](), out)
     else:
-        with mock.patch.object(sk, "__version__", version):
+        with mock.patch("sagkit.lab.evaluation.__version__", version):
             sweep(WRITTEN[name](), out)
     return out
 
@@ -540,7 +540,7 @@ def test_matching_shards_are_reused_bit_for_bit(caplog):
     out = copy_of("class")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     first = sweep([class_task(3)])
-    model = sk.load_pretrained("digits", device="cpu")
+    model = sk.digits.load_pretrained("digits", device="cpu")
     with caplog.at_level("INFO", logger="sagkit.lab.evaluation"):
         again = sweep([class_task(3)], out, model=model)
     messages = [r.getMessage() for r in caplog.records]

@@ -28,17 +28,18 @@ def test_a_bad_sagkit_threads_names_the_variable(given):
         cpu_threads({THREADS_VARIABLE: given}, 2)
 
 
-def _threads_after_import(env: dict) -> int:
-    code = "import torch, sagkit; print(torch.get_num_threads())"
+def _threads_after_policy(env: dict) -> int:
+    code = "import torch, sagkit; sagkit.apply_cpu_threads(); print(torch.get_num_threads())"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     return int(out.stdout)
 
 
-def test_import_applies_the_policy():
-    """A fresh process without OMP_NUM_THREADS gets half its cores; SAGKIT_THREADS overrides."""
+def test_the_policy_applied():
+    """A fresh process without OMP_NUM_THREADS gets half its cores; SAGKIT_THREADS overrides.
+    (Importing sagkit changes nothing: tests/test_bridges.py.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", THREADS_VARIABLE)}
     cores = len(os.sched_getaffinity(0))
-    assert _threads_after_import(env) == max(1, cores // 2)
-    assert _threads_after_import({**env, THREADS_VARIABLE: "3"}) == 3
+    assert _threads_after_policy(env) == max(1, cores // 2)
+    assert _threads_after_policy({**env, THREADS_VARIABLE: "3"}) == 3

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import RoundingChain, roundoff_bound, unit_roundoff
+from helpers import BOTH_SCHEDULES, RoundingChain, roundoff_bound, unit_roundoff
 
 import sagkit as sk
 from sagkit.core.estimates import rms_distance
@@ -14,8 +14,10 @@ def _randn(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@BOTH_SCHEDULES
 def test_inversion_round_trip(mixture):
-    ts = sk.time_grid(mixture.schedule, 1.0, 0.0, 50)
+    # 25 steps: the naive inversion's error is 0.085 (VP) and 0.082 (flow), half of that at 50
+    ts = sk.time_grid(mixture.schedule, 1.0, 0.0, 25)
     x0 = mixture.sample(4, generator=torch.Generator().manual_seed(0))
     err = sk.inversion_error(mixture, x0, ts, iters=(0, 1, 3))
     assert err[0] < 0.1  # naive DDIM inversion: O(h)

@@ -30,7 +30,12 @@ def _brute_force_log_density(model, x, t):
     return torch.logsumexp(torch.stack(terms), dim=0)
 
 
-@pytest.mark.parametrize("t", [0.05, 0.3, 0.8, 1.0])
+# under the flow only at t = 1, its endpoint (α = 0): elsewhere the same code on other numbers
+@pytest.mark.parametrize(
+    "mixture, t",
+    [("vp", 0.05), ("vp", 0.3), ("vp", 0.8), ("vp", 1.0), ("flow", 1.0)],
+    indirect=["mixture"],
+)
 def test_mixture_eps_is_scaled_score(mixture, t):
     x = torch.randn(5, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x.requires_grad_(True)
@@ -76,7 +81,7 @@ def test_mixture_sample_statistics(mixture):
 
 
 def test_digits_mixture():
-    m = sk.digits_mixture(n_components=100, size=16)
+    m = sk.digits.digits_mixture(n_components=100, size=16)
     assert m.means.shape == (100, 1, 16, 16)
     assert float(m.means.min()) >= -1 - 1e-9 and float(m.means.max()) <= 1 + 1e-9
     assert m.labels.shape == (100,) and set(m.labels.tolist()) <= set(range(10))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    BOTH_SCHEDULES,
     RoundingChain,
     exact_flow,
     one_gaussian,
@@ -59,6 +60,7 @@ def test_ddim_matches_diffusers_scheduler(scheduler):
     assert rel(ours, ref) <= pair_bound(*(roundoff_bound(c, torch.float32) for c in chains))
 
 
+@BOTH_SCHEDULES
 def test_ddim_step_is_the_paper_formula(mixture):
     """x_s = (α_s/α_t) x_t − σ_s (e^h − 1) ε(x_t, t), h = λ_s − λ_t (docs/maths.md §2.2)."""
     sch = mixture.schedule

@@ -54,7 +54,7 @@ def digits(request):
     schedule = (
         sk.VPSchedule.linear() if request.param == "vp" else sk.FlowSchedule.rectified(shift=3.0)
     )
-    return sk.digits_mixture(n_components=32, schedule=schedule)
+    return sk.digits.digits_mixture(n_components=32, schedule=schedule)
 
 
 def test_the_untilted_mixture_is_the_mixture(mixture):
@@ -78,7 +78,7 @@ def test_the_tilt_is_what_importance_sampling_gives(name):
     """p_0 e^{−L}/Z against self-normalised importance sampling from p_0: Z, the mean and the
     second moment of every pixel, within 5 standard errors (delta method). The tilt is at
     t = 0, the same under every schedule."""
-    digits = sk.digits_mixture(n_components=32)
+    digits = sk.digits.digits_mixture(n_components=32)
     loss = losses(digits)[name]
     target = loss.tilt(digits)
     n = 100_000
@@ -223,7 +223,7 @@ def test_pooling_matrix_is_average_pooling():
         (lambda m: ClassLoss(m, torch.zeros(3)), "logits must have shape"),
         (
             lambda m: ClassLoss.for_label(m, 1, strength=2).tilt(
-                sk.digits_mixture(n_components=32)
+                sk.digits.digits_mixture(n_components=32)
             ),
             "tilts the mixture",
         ),
@@ -236,9 +236,9 @@ def test_pooling_matrix_is_average_pooling():
 )
 def test_bad_inputs_are_refused_by_name(build, match):
     with pytest.raises(ValueError, match=match):
-        build(sk.digits_mixture(n_components=32))
+        build(sk.digits.digits_mixture(n_components=32))
 
 
 def test_exact_guidance_needs_a_closed_form_loss():
     with pytest.raises(TypeError, match="loss must be"):
-        ExactGuidance(sk.digits_mixture(n_components=32), lambda x: x.sum())
+        ExactGuidance(sk.digits.digits_mixture(n_components=32), lambda x: x.sum())

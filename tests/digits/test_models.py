@@ -12,17 +12,17 @@ from sagkit.digits.evaluation import evaluate_digits, evaluate_samples, frechet_
 
 @pytest.fixture(scope="module")
 def model():
-    return sk.load_pretrained("digits", device="cpu")
+    return sk.digits.load_pretrained("digits", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def model64():
-    return sk.load_pretrained("digits", device="cpu", dtype=torch.float64)
+    return sk.digits.load_pretrained("digits", device="cpu", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    return sk.load_classifier("digits", device="cpu")
+    return sk.digits.load_classifier("digits", device="cpu")
 
 
 def _frechet_rounding(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,24 +43,24 @@ def _frechet_rounding(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_digits_dataset_split():
-    train_x, train_y = sk.digits_dataset("train")
-    test_x, test_y = sk.digits_dataset("test")
-    all_x, _ = sk.digits_dataset("all", size=8, dtype=torch.float64)
+    train_x, train_y = sk.digits.digits_dataset("train")
+    test_x, test_y = sk.digits.digits_dataset("test")
+    all_x, _ = sk.digits.digits_dataset("all", size=8, dtype=torch.float64)
     assert train_x.shape == (1437, 1, 16, 16) and test_x.shape == (360, 1, 16, 16)
     assert train_x.dtype == torch.float32 and all_x.shape == (1797, 1, 8, 8)
     assert train_y.dtype == torch.int64 and set(test_y.tolist()) == set(range(10))
     assert torch.bincount(test_y).min() >= 35  # stratified
     assert train_x.min() >= -1 and train_x.max() <= 1
     # fixed: the same split every call, and no held-out image is a training image
-    assert torch.equal(sk.digits_dataset("test")[0], test_x)
+    assert torch.equal(sk.digits.digits_dataset("test")[0], test_x)
     dist = torch.cdist(test_x.flatten(1), train_x.flatten(1))
     assert (dist.min(1).values > 0).float().mean() > 0.99
     with pytest.raises(ValueError, match="split"):
-        sk.digits_dataset("valid")
+        sk.digits.digits_dataset("valid")
 
 
 def test_load_pretrained(model):
-    assert isinstance(model, sk.DigitsModel) and isinstance(model, sk.DiffusersModel)
+    assert isinstance(model, sk.digits.DigitsModel) and isinstance(model, sk.DiffusersModel)
     assert model.classes == 10 and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.schedule.num_train_timesteps == 1000
@@ -75,7 +75,7 @@ def test_load_pretrained(model):
 
 
 def test_load_deterministic_and_float64(model, model64):
-    again = sk.load_pretrained("digits", device="cpu")
+    again = sk.digits.load_pretrained("digits", device="cpu")
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.1, 0.5, 0.9])
     labels = [4, 7, 10]
@@ -94,8 +94,8 @@ def test_load_deterministic_and_float64(model, model64):
 
 def test_default_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert sk.load_pretrained("digits").embeddings.device.type == expected
-    assert next(sk.load_classifier("digits").parameters()).device.type == expected
+    assert sk.digits.load_pretrained("digits").embeddings.device.type == expected
+    assert next(sk.digits.load_classifier("digits").parameters()).device.type == expected
 
 
 def test_from_pretrained_is_used(monkeypatch):
@@ -114,7 +114,7 @@ def test_from_pretrained_is_used(monkeypatch):
 
     spy(UNet2DModel)
     spy(DDPMScheduler)
-    sk.load_pretrained("digits", device="cpu")
+    sk.digits.load_pretrained("digits", device="cpu")
     assert calls == ["UNet2DModel", "DDPMScheduler"]
 
 
@@ -126,9 +126,9 @@ def test_cond_for_rejects_bad_labels(model):
 
 def test_unknown_names():
     with pytest.raises(ValueError, match="known: digits"):
-        sk.load_pretrained("cifar")
+        sk.digits.load_pretrained("cifar")
     with pytest.raises(ValueError, match="known: digits"):
-        sk.load_classifier("mnist")
+        sk.digits.load_classifier("mnist")
 
 
 def test_cond_gradient_matches_finite_differences(model64):
@@ -174,7 +174,7 @@ def test_classifier_outputs(classifier):
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
     with pytest.raises(ValueError, match="shape"):
         classifier.logits(torch.zeros(2, 1, 8, 8))
-    clf64 = sk.load_classifier("digits", device="cpu", dtype=torch.float64)
+    clf64 = sk.digits.load_classifier("digits", device="cpu", dtype=torch.float64)
     with RoundingChain() as chain:
         logits, logits64 = classifier.logits(x.detach()), clf64.logits(x.detach().double())
     # the same weights in both: float32 rounding over the counted chain, plus float64's
@@ -186,7 +186,7 @@ def test_classifier_outputs(classifier):
 
 
 def test_classifier_heldout_accuracy(classifier):
-    test_x, test_y = sk.digits_dataset("test")
+    test_x, test_y = sk.digits.digits_dataset("test")
     result = evaluate_samples(classifier, test_x, test_y, test_x)
     assert result["accuracy"] >= 0.9
     features = classifier.features(test_x)
@@ -209,10 +209,10 @@ def test_frechet_distance_one_dimensional():
 
 def test_sample_and_evaluate(model, classifier):
     labels = [1, 4, 10]
-    a = sk.sample_digits(
+    a = sk.digits.sample_digits(
         model, labels, scale=2.0, steps=4, generator=torch.Generator().manual_seed(0)
     )
-    b = sk.sample_digits(
+    b = sk.digits.sample_digits(
         model, labels, scale=2.0, steps=4, generator=torch.Generator().manual_seed(0)
     )
     assert a.shape == (3, 1, 16, 16) and torch.isfinite(a).all() and torch.equal(a, b)

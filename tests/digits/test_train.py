@@ -16,7 +16,7 @@ TINY_CLASSIFIER = {"channels": (8, 8, 8), "features": 8}
 
 
 def test_augment_identity_and_background():
-    x, _ = sk.digits_dataset("test")
+    x, _ = sk.digits.digits_dataset("test")
     x = x[:6]
     gen = torch.Generator().manual_seed(0)
     torch.testing.assert_close(augment(x, gen, rotate=0.0, scale=0.0, shift=0.0), x)
@@ -35,7 +35,7 @@ def test_train_unet_smoke(tmp_path):
         "scheduler_config.json",
         "class_embeddings.safetensors",
     }
-    loaded = sk.load_pretrained("digits", device="cpu", path=folder)
+    loaded = sk.digits.load_pretrained("digits", device="cpu", path=folder)
     assert loaded.unet.config.block_out_channels == [8, 16]
     x = torch.randn(3, 1, 16, 16)
     cond = model.cond_for([0, 5, 10])
@@ -55,7 +55,7 @@ def test_train_classifier_smoke(tmp_path):
         tmp_path, steps=2, batch_size=8, config=TINY_CLASSIFIER, progress=False
     )
     assert 0 <= accuracy <= 1
-    loaded = sk.load_classifier("digits", device="cpu", path=tmp_path / "digits-classifier")
+    loaded = sk.digits.load_classifier("digits", device="cpu", path=tmp_path / "digits-classifier")
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(loaded.logits(x), classifier.logits(x))
 

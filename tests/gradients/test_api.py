@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from helpers import F64_AGREE, grid, make_loss, noise, rel
+from helpers import BOTH_SCHEDULES, F64_AGREE, grid, make_loss, noise, rel
 
 import sagkit as sk
 from sagkit.gradients import GradientMethod
@@ -14,6 +14,7 @@ SOLVERS = ("ddim", "heun", "rk4")
 ZERO_WEIGHT = sk.Tableau("zero-weight", a=((), (0.5,)), b=(1.0, 0.0), c=(0.0, 0.5), order=1)
 
 
+@BOTH_SCHEDULES
 @pytest.mark.parametrize("solver", ["ddim", "heun", "rk4", "zero-weight"])
 @pytest.mark.parametrize("method", list(sk.METHODS))
 def test_declarations_match_behaviour(mixture, method, solver, register_temporarily):

@@ -1,15 +1,11 @@
 """The built-in engines: symplectic and checkpoint against backprop (x, cond, params; float32 within derived bounds of a float64 reference, at 1 and 2 threads), the vanilla adjoint's convergence."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    BOTH_SCHEDULES,
     F64_AGREE,
     SCHEDULES,
     RoundingChain,
@@ -60,11 +56,26 @@ def unet_cond_model(scheduler, dtype):
 
 
 # --- exactness: symplectic and checkpoint against backprop ---------------------------------
+F64, F32 = torch.float64, torch.float32
+WHICH = [*SCHEDULES, "digits_mixture", "unet_model"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("which", [*SCHEDULES, "digits_mixture", "unet_model"])
+def with_float32(float64_cases, float32_cases):
+    """Every case in float64 (exactness, each solver on each model), and in float32 only the
+    cases named: the float32 rounding bound is checked once per model, each solver in float32
+    somewhere (the thread test below adds digits-heun and unet-ddim), not the whole grid again:
+    the float32 code of an engine is its float64 code, and its bound counts that run's own
+    operations."""
+    return [(*c, F64) for c in float64_cases] + [(*c, F32) for c in float32_cases]
+
+
+@pytest.mark.parametrize(
+    "which, solver, dtype",
+    with_float32(
+        [(w, s) for w in WHICH for s in SOLVERS],
+        [("vp", "ddim"), ("flow", "heun"), ("digits_mixture", "rk4"), ("unet_model", "rk4")],
+    ),
+)
 def test_symplectic_and_checkpoint_match_backprop_wrt_x(request, which, solver, dtype):
     """which: the test mixture under a schedule of SCHEDULES, or a fixture."""
     model = (
@@ -89,8 +100,11 @@ def test_symplectic_and_checkpoint_match_backprop_wrt_x(request, which, solver, 
     assert torch.equal(g_ck, g_bp)  # checkpoint replays the same operations
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(
+    "mixture, solver, dtype",
+    with_float32([(m, s) for m in SCHEDULES for s in SOLVERS], [("vp", "rk4"), ("flow", "ddim")]),
+    indirect=["mixture"],
+)
 def test_symplectic_wrt_cond_and_params_on_the_mixture(mixture, solver, dtype):
     model = mixture.to(dtype).requires_grad_()
     x = noise((1, 2, 2), batch=3, dtype=dtype)
@@ -119,8 +133,7 @@ def test_symplectic_wrt_cond_and_params_on_the_mixture(mixture, solver, dtype):
         assert rel(got, want) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver, dtype", with_float32([(s,) for s in SOLVERS], [("heun",)]))
 def test_symplectic_wrt_cond_and_params_on_a_unet(scheduler, solver, dtype):
     model = unet_cond_model(scheduler, dtype)
     x = noise((1, 8, 8), dtype=dtype)
@@ -154,16 +167,13 @@ def test_symplectic_grad_for_a_single_wrt_keeps_the_others_out(mixture):
     assert not x.requires_grad and not cond.requires_grad
 
 
-def thread_probe():
-    """Run in a subprocess by the test below: float32 gradients of two small problems (the
-    digits mixture with Heun, a tiny UNet with DDIM) and their derived bounds, as JSON."""
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from diffusers import DDIMScheduler
-
-    unet = sk.DiffusersModel(tiny_unet().eval(), DDIMScheduler(num_train_timesteps=1000))
-    problems = {"digits-heun": (sk.digits_mixture(n_components=64), "heun"),
+def float32_checks(scheduler):
+    """float32 gradients of two small problems (the digits mixture with Heun, a tiny UNet with
+    DDIM) against their derived bounds: {what: (measured, bound)}."""
+    unet = sk.DiffusersModel(tiny_unet().eval(), scheduler)
+    problems = {"digits-heun": (sk.digits.digits_mixture(n_components=64), "heun"),
                 "unet-ddim": (unet, "ddim")}  # fmt: skip
-    checks, grads = {}, {}
+    checks = {}
     for name, (model, solver) in problems.items():
         model = model.to(torch.float32)
         x, ts, loss_fn = noise((1, 8, 8), dtype=torch.float32), grid(model), make_loss()
@@ -178,35 +188,29 @@ def thread_probe():
         checks[f"{name} symplectic vs backprop"] = rounding_report(
             sy, bp, chain, torch.float32, torch.float32
         )
-        grads[name] = sy.flatten().tolist()
-    print(json.dumps({"threads": torch.get_num_threads(), "checks": checks, "grads": grads}))
+    return checks
 
 
 @pytest.mark.slow
-def test_float32_gradients_hold_their_bound_at_one_and_two_threads():
+def test_float32_gradients_hold_their_bound_at_one_and_two_threads(scheduler):
     """The bounds count operations, so they do not depend on the thread count; the rounding
-    may (a parallel reduction splits its sum by thread), so each run is checked on its own."""
-    code = "from gradients import test_engines; test_engines.thread_probe()"
-    procs = {  # both at once: most of each run is importing torch and diffusers
-        threads: subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=Path(__file__).parents[1],  # tests/, where helpers.py lives
-            env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for threads in (1, 2)
-    }
+    may (a parallel reduction splits its sum by thread), so each run is checked on its own.
+
+    Both runs are in this process: torch.set_num_threads sets the intra-op pool (OpenMP and
+    MKL) at run time, as OMP_NUM_THREADS does at start-up; the count is restored after."""
+    before = torch.get_num_threads()
     runs = {}
-    for threads, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        runs[threads] = json.loads(out.strip().splitlines()[-1])
-        assert runs[threads]["threads"] == threads
-        for what, (measured, bound) in runs[threads]["checks"].items():
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.get_num_threads() == threads
+            runs[threads] = float32_checks(scheduler)
+    finally:
+        torch.set_num_threads(before)
+    for threads, checks in runs.items():
+        for what, (measured, bound) in checks.items():
             assert measured <= bound, f"{threads} threads, {what}: {measured:.3g} > {bound:.3g}"
-    bounds = [{w: b for w, (_, b) in runs[k]["checks"].items()} for k in (1, 2)]
+    bounds = [{w: b for w, (_, b) in runs[k].items()} for k in (1, 2)]
     assert bounds[0] == bounds[1]
 
 
@@ -231,6 +235,7 @@ def adjoint_errors(model, x, ns, solver="ddim", cond=None, wrt="x", t_end=0.0):
     return errors
 
 
+@BOTH_SCHEDULES
 def test_vanilla_adjoint_error_falls_with_n_on_the_mixture(mixture):
     errors = adjoint_errors(mixture, noise((1, 2, 2), batch=3), (4, 8, 16, 32, 64))
     assert decreasing(errors), errors

@@ -60,7 +60,7 @@ def test_slerp_keeps_the_norm_of_orthogonal_equal_vectors():
 
 
 class _TinyDigits(sk.DiffusersModel):
-    """A random conditional UNet with a table of conditionings, like sk.DigitsModel."""
+    """A random conditional UNet with a table of conditionings, like sk.digits.DigitsModel."""
 
     def __init__(self, scheduler):
         super().__init__(tiny_unet(class_embed_type="identity").double().eval(), scheduler)
@@ -75,7 +75,11 @@ def _morph_setup(scheduler, n):
     """A tiny model and 3-class classifier, six 8×8 images of classes 0, 1, 2 and an n-step grid."""
     model = _TinyDigits(scheduler)
     torch.manual_seed(0)
-    clf = sk.DigitsClassifier(channels=(4, 8, 8), features=8, classes=3, size=8).double().eval()
+    clf = (
+        sk.digits.DigitsClassifier(channels=(4, 8, 8), features=8, classes=3, size=8)
+        .double()
+        .eval()
+    )
     clf.requires_grad_(False)
     images = _randn((6, 1, 8, 8), 1).clamp(-1, 1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])

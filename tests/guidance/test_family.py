@@ -208,7 +208,7 @@ def test_network_calls_per_guided_step(digits_model, classifier, x_T, method, pe
 
 @pytest.fixture(scope="module")
 def shipped():
-    return sk.load_pretrained("digits"), sk.load_classifier("digits")
+    return sk.digits.load_pretrained("digits"), sk.digits.load_classifier("digits")
 
 
 FAMILY = [LGD(), MPGD(), UGD(), TFG(), TFG(estimate=2)]

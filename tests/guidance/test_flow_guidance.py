@@ -117,8 +117,8 @@ def test_cfg_difference_is_in_eps_units(flow_mixture):
     cfg = sk.ClassifierFreeGuidance(flow_mixture, flow_mixture.null_cond, 3.0)
     x, cond = _randn((4, 1, 2, 2)), _randn((4, 3), seed=3)
     sc, t = flow_mixture.schedule, 0.4
-    v, dv = cfg.predict_and_difference(x, t, cond, kind="velocity")
-    eps, de = cfg.predict_and_difference(x, t, cond, kind="eps")
+    v, dv = cfg.predict_and_difference(x, t, cond, frame=get_frame("velocity"))
+    eps, de = cfg.predict_and_difference(x, t, cond, frame=get_frame("eps"))
     # ε and v are affine in each other at fixed x: rounding of a few operations, 16u
     tol = 16 * U64 * float(de.abs().max() + v.abs().max())
     torch.testing.assert_close(

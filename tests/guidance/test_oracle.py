@@ -3,7 +3,7 @@ is the unguided sampler on the tilted mixture (docs/maths.md §14.4)."""
 
 import pytest
 import torch
-from helpers import gamma, seeded
+from helpers import BOTH_SCHEDULES, gamma, seeded
 
 import sagkit as sk
 from sagkit.core.tilted import ExactGuidance, QuadraticLoss
@@ -18,6 +18,7 @@ def exact_guidance(mixture):
     return ExactGuidance(mixture, loss)
 
 
+@BOTH_SCHEDULES
 def test_the_oracle_samples_with_the_tilted_mixtures_prediction(mixture):
     """Guided DDIM on the mixture with the oracle = unguided DDIM on the tilted mixture, under
     the VP schedule (ε frame) and the flow (velocity frame), at every step."""

@@ -206,6 +206,6 @@ def test_presets_keep_their_fractions_and_yield_to_arguments(digits_model, name)
 
 
 def test_a_preset_needs_the_models_scheduler(x_T):
-    mixture = sk.digits_mixture(n_components=8, size=16)
+    mixture = sk.digits.digits_mixture(n_components=8, size=16)
     with pytest.raises(ValueError, match="scheduler"):
         sk.guided_sample(mixture, lambda x: x.flatten(1).pow(2).sum(1), x_T, preset="sag-paper")

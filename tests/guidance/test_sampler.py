@@ -80,7 +80,7 @@ def test_guidance_gradient_is_autograd_through_the_estimate(digits_model, x_T):
 @pytest.mark.parametrize("guidance", ["freedom", "dps", "sag"])
 def test_guidance_lowers_the_loss(guidance):
     """An exact model (a digits mixture) and an inpainting loss: guidance must beat "none"."""
-    model = sk.digits_mixture(n_components=64, size=16)
+    model = sk.digits.digits_mixture(n_components=64, size=16)
     ref = model.means[5]
     x_T = torch.randn(8, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     loss = _inpaint_loss(ref)

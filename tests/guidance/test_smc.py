@@ -127,7 +127,7 @@ def test_oracle_weights_flatten_as_the_steps_grow(ddpm):
     """With the Oracle's proposal and the exact twisting each incremental weight is 1 up to
     the DDPM discretisation: the spread of the final log weights (no resampling) falls with
     the steps, like h^{1/2} (measured 1.5 → 0.5 from 25 to 100 steps on 64 components)."""
-    mixture = sk.digits_mixture(n_components=32, schedule=sk.VPSchedule.from_diffusers(ddpm))
+    mixture = sk.digits.digits_mixture(n_components=32, schedule=sk.VPSchedule.from_diffusers(ddpm))
     loss = ClassLoss.for_label(mixture, 3, strength=3.0)
     exact = ExactGuidance(mixture, loss)
     network = TiltedMixture.of(mixture)
@@ -175,7 +175,7 @@ def test_exact_twisting_reaches_the_noise_floor(ddpm):
     """A broad target (the class tilt of 32 digits), the model itself as a bad proposal: one
     particle is the untilted model, far from the target; 16 particles with the exact twisting
     land within two standard errors of the floor (one draw per run, 4 groups of 64 runs)."""
-    mixture = sk.digits_mixture(n_components=32, schedule=sk.VPSchedule.from_diffusers(ddpm))
+    mixture = sk.digits.digits_mixture(n_components=32, schedule=sk.VPSchedule.from_diffusers(ddpm))
     loss = ClassLoss.for_label(mixture, 3, strength=4.0)
     exact = ExactGuidance(mixture, loss)
     network = TiltedMixture.of(mixture)
@@ -207,7 +207,7 @@ def test_exact_twisting_reaches_the_noise_floor(ddpm):
 
 
 def test_estimate_twist_is_minus_the_loss_of_the_estimate(ddpm):
-    mixture = sk.digits_mixture(n_components=8, schedule=sk.VPSchedule.from_diffusers(ddpm))
+    mixture = sk.digits.digits_mixture(n_components=8, schedule=sk.VPSchedule.from_diffusers(ddpm))
     loss = ClassLoss.for_label(mixture, 3, strength=2.0)
     x = torch.randn(4, 1, 8, 8, dtype=F64, generator=seeded(0))
     got = EstimateTwist(loss, n=1)(mixture, x, 0.4)

@@ -70,7 +70,7 @@ def test_discrete_adjoint_is_the_gradient_of_the_solve_at_every_grid_point(mixtu
 
 @pytest.mark.parametrize("solver, order", [("ddim", 1), ("heun", 2)])
 def test_discrete_adjoint_converges_to_the_continuous_one_at_the_solver_order(solver, order):
-    model = sk.digits_mixture(n_components=64)  # notebook 02's model
+    model = sk.digits.digits_mixture(n_components=64)  # notebook 02's model
     gen = torch.Generator().manual_seed(0)
     x, c = (torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=gen) for _ in range(2))
     result = adjoint_limit(

@@ -10,7 +10,7 @@ from sagkit.lab.evaluation import CLASS_TARGET, default_tasks, noise_label_share
 
 @pytest.fixture(scope="module")
 def shipped():
-    return sk.load_classifier("digits", device="cpu")
+    return sk.digits.load_classifier("digits", device="cpu")
 
 
 @pytest.fixture(scope="module")

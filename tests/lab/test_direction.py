@@ -31,7 +31,7 @@ from sagkit.lab.direction import (
 @pytest.fixture(scope="module")
 def small():
     """The 16-component digits mixture (VP) and the digit it leaves out, loaded once."""
-    return sk.digits_mixture(n_components=16), held_out_digit(n_components=16)[0]
+    return sk.digits.digits_mixture(n_components=16), held_out_digit(n_components=16)[0]
 
 
 U = unit_roundoff(torch.float64)
@@ -194,7 +194,7 @@ def test_mpgd_direction_is_the_estimates_gradient_over_alpha_under_vp(small):
 
 
 def test_held_out_digit_is_not_a_mean():
-    mixture = sk.digits_mixture(n_components=64)
+    mixture = sk.digits.digits_mixture(n_components=64)
     ref, label = held_out_digit(n_components=64)
     distances = (mixture.means - ref).reshape(64, -1).norm(dim=1)
     assert distances.min() > 0 and 0 <= label <= 9

@@ -75,8 +75,8 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(tmp_path):
     six are deleted; 2 ranks under torchrun load the other two (one each) and compute the six.
     The gathered rows equal the single-process rows exactly, and only the six were written."""
     settings = {"num_samples": 4, "steps": 4, "seed": 0, "batch_size": 1}
-    model = sk.load_pretrained("digits", device="cpu")
-    classifier = sk.load_classifier("digits", device="cpu")
+    model = sk.digits.load_pretrained("digits", device="cpu")
+    classifier = sk.digits.load_classifier("digits", device="cpu")
     tasks = [default_tasks(classifier)[0]]  # "class"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1)

@@ -17,8 +17,18 @@ def load_script():
     return module
 
 
-def test_dry_run_writes_every_part(tmp_path, capsys):
+def test_dry_run_writes_every_part(tmp_path, capsys, monkeypatch):
     gpu_check = load_script()
+    dry_run_sizes = gpu_check.sizes
+
+    def two_engines(dry_run):
+        # sd_memory runs a process per engine: here backprop and symplectic (the two that the
+        # markdown compares), not the budgeted one too, whose worker (the same code for every
+        # network and engine) tests/lab/test_sd_memory.py runs on two networks
+        size = dry_run_sizes(dry_run)
+        return size | {"sd_args": [*size["sd_args"], "--methods", "backprop", "symplectic"]}
+
+    monkeypatch.setattr(gpu_check, "sizes", two_engines)
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = report["parts"]

@@ -1,5 +1,6 @@
 """The misalignment study: n-step estimates get closer to the final sample as n grows."""
 
+import importlib
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 import sagkit as sk
 from sagkit.core.estimates import rms
-from sagkit.lab import misalignment as misalignment_module
 from sagkit.lab.misalignment import commitment, matched_window, misalignment_by_noise_level
+
+# the module, not the function sagkit.lab exports under the same name
+misalignment_module = importlib.import_module("sagkit.lab.misalignment")
 
 # The float64 tolerances below (1e-14 … 1e-9) bound identities that a few dozen float64
 # operations evaluate on O(1) numbers: γ_N = N · 1.1e-16 ≈ 1e-15 for such N, so each leaves
@@ -22,7 +25,7 @@ SCHEDULES = {
 
 def test_misalignment_falls_with_n(digits_mixture):
     x_T = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    out = sk.misalignment(digits_mixture, x_T, times=(0.9, 0.5), ns=(1, 2, 4), steps=40)
+    out = sk.lab.misalignment(digits_mixture, x_T, times=(0.9, 0.5), ns=(1, 2, 4), steps=40)
     rms = out["rms"]
     assert rms.shape == (2, 3)
     assert bool((rms[:, 1:] < rms[:, :-1]).all())
@@ -63,7 +66,7 @@ def test_n_step_estimates_show_the_final_digit_the_one_step_estimate_blurs(digit
     sample's digit more often and with more contrast than the one-step (posterior-mean)
     estimate, whose contrast is below the final sample's."""
     x_T = torch.randn(32, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    result = sk.misalignment(digits_mixture, x_T, times=(0.9,), ns=(1, 8), steps=40)
+    result = sk.lab.misalignment(digits_mixture, x_T, times=(0.9,), ns=(1, 8), steps=40)
     out = commitment(result, means=digits_mixture.means, labels=digits_mixture.labels)
     (one, eight), (c_one, c_eight) = out["same_label"][0].tolist(), out["contrast"][0].tolist()
     assert eight > one and c_one < c_eight and c_one < 1
@@ -93,7 +96,9 @@ def test_the_progress_bars_advance_per_sampler_step_and_per_estimate(digits_mixt
 
     monkeypatch.setattr(misalignment_module, "tqdm", Recording)
     x_T = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    sk.misalignment(digits_mixture, x_T, times=(0.9, 0.5), ns=(1, 2, 4), steps=10, progress=True)
+    sk.lab.misalignment(
+        digits_mixture, x_T, times=(0.9, 0.5), ns=(1, 2, 4), steps=10, progress=True
+    )
     assert [(b.total, b.updates) for b in bars] == [(6, 6)]
 
 
@@ -156,7 +161,7 @@ def test_the_one_step_misalignment_converges_to_the_closed_form_under_both_sched
 def test_the_one_step_estimate_depends_on_x_over_alpha_and_lambda_only(digits_mixture):
     """At the same λ and the same x_t/α_t the one-step estimate (the posterior mean) is the same
     under VP and under the rectified flow (float64 rounding of a softmax over 64 components)."""
-    flow = sk.digits_mixture(n_components=64, schedule=FLOW)
+    flow = sk.digits.digits_mixture(n_components=64, schedule=FLOW)
     y = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for lam in (-3.0, 0.0, 2.0):
         t_vp, t_flow = VP.t_of_lam(lam), FLOW.t_of_lam(lam)

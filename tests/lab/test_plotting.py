@@ -30,7 +30,7 @@ def test_estimate_figure_at_the_last_step_is_exact(digits_mixture):
 
 
 def test_misalignment_curves_and_grid(digits_mixture):
-    result = sk.misalignment(
+    result = sk.lab.misalignment(
         digits_mixture,
         torch.randn(4, 1, 8, 8, dtype=torch.float64),
         times=(0.8, 0.4),

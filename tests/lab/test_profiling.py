@@ -19,12 +19,12 @@ def test_saved_bytes_count_each_storage_once():
         y = x * x  # saves x twice: one storage
         return torch.autograd.grad(y.sum(), x)[0]
 
-    report = sk.profile(fn)
+    report = sk.lab.profile(fn)
     assert report.saved_bytes == 4000 == report.graph_peak_bytes
     assert report.held_peak_bytes == 0
     assert torch.equal(report.result, 2 * x.detach())
-    assert sk.profile(fn, exclude=[x]).saved_bytes == 0  # like the model's parameters
-    assert sk.profile(fn, track_saved=False).saved_bytes is None
+    assert sk.lab.profile(fn, exclude=[x]).saved_bytes == 0  # like the model's parameters
+    assert sk.lab.profile(fn, track_saved=False).saved_bytes is None
 
 
 def test_saved_bytes_are_a_peak_not_a_total():
@@ -34,13 +34,13 @@ def test_saved_bytes_are_a_peak_not_a_total():
         for _ in range(5):  # five graphs, one at a time
             torch.autograd.grad(x.exp().sum(), x)
 
-    assert sk.profile(fn).saved_bytes == 4000  # exp saves its result
+    assert sk.lab.profile(fn).saved_bytes == 4000  # exp saves its result
 
 
 def test_cpu_reports_no_cuda_peak_and_a_wall_time(mixture):
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     ts = sk.time_grid(mixture.schedule, 0.8, 0.0, 4)
-    report = sk.profile_gradient(mixture, quadratic, x, ts, method="symplectic")
+    report = sk.lab.profile_gradient(mixture, quadratic, x, ts, method="symplectic")
     assert report.cuda_peak_bytes is None
     assert report.wall_time_s > 0
     assert report.vmhwm_bytes is None or report.vmhwm_bytes > 0
@@ -57,7 +57,7 @@ def test_network_calls(mixture, solver, stages):
     n = 5
     ts = sk.time_grid(mixture.schedule, 0.8, 0.0, n)
     calls = {
-        m: sk.profile_gradient(mixture, quadratic, x, ts, method=m, solver=solver).model_calls
+        m: sk.lab.profile_gradient(mixture, quadratic, x, ts, method=m, solver=solver).model_calls
         for m in ("backprop", "checkpoint", "symplectic")
     }
     assert calls == {
@@ -66,7 +66,7 @@ def test_network_calls(mixture, solver, stages):
         "symplectic": 2 * n * stages,
     }
     if solver != "rk4":  # torchdiffeq's heun2 and euler make the same calls as ours
-        assert sk.profile_gradient(
+        assert sk.lab.profile_gradient(
             mixture, quadratic, x, ts, method="adjoint", solver=solver
         ).model_calls == (2 * n * stages)
 
@@ -74,7 +74,7 @@ def test_network_calls(mixture, solver, stages):
 def test_the_profiled_model_is_left_untouched(mixture):
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     ts = sk.time_grid(mixture.schedule, 0.8, 0.0, 3)
-    sk.profile_gradient(mixture, quadratic, x, ts, method="backprop")
+    sk.lab.profile_gradient(mixture, quadratic, x, ts, method="backprop")
     assert "eps" not in vars(mixture)
     assert not observers()  # the ledger is gone after profiling
 
@@ -90,7 +90,7 @@ def memory(scheduler):
     for n in (8, 64):
         ts = sk.time_grid(model.schedule, 0.9, model.schedule.t_min, n)
         for method in ("backprop", "checkpoint", "symplectic", "adjoint"):
-            out[method, n] = sk.profile_gradient(model, quadratic, x, ts, method=method)
+            out[method, n] = sk.lab.profile_gradient(model, quadratic, x, ts, method=method)
     return out, x.numel() * x.element_size()
 
 
@@ -140,7 +140,7 @@ def test_budgeted_engine_spends_its_budget_between_symplectic_and_backprop(
     ts = sk.time_grid(model.schedule, 0.9, model.schedule.t_min, n)
 
     def run(method):
-        return sk.profile_gradient(model, quadratic, x, ts, method=method)
+        return sk.lab.profile_gradient(model, quadratic, x, ts, method=method)
 
     symplectic, backprop = run("symplectic"), run("backprop")
     per_step = backprop.saved_bytes / n  # one step's graph (the graphs are alike)
@@ -166,6 +166,6 @@ def test_adjointdeis_reports_its_stored_states(mixture):
     held = {}
     for m in (4, 64):
         ts = sk.time_grid(mixture.schedule, 0.9, mixture.schedule.t_min, m)
-        report = sk.profile_gradient(mixture, quadratic, x, ts, method="adjointdeis-1")
+        report = sk.lab.profile_gradient(mixture, quadratic, x, ts, method="adjointdeis-1")
         held[m] = report.held_peak_bytes
     assert held[64] - held[4] == 60 * x.numel() * x.element_size()

@@ -87,7 +87,7 @@ def test_plot_draws_a_panel_per_task_and_a_line_per_twisting():
 def test_heldout_reference_is_not_a_mean():
     import sagkit as sk
 
-    mixture = sk.digits_mixture(n_components=16)
+    mixture = sk.digits.digits_mixture(n_components=16)
     image, label = heldout_reference(mixture)
     gaps = (mixture.means.detach().flatten(1) - image.flatten()).norm(dim=1)
     assert float(gaps.min()) > 0 and 0 <= label <= 9

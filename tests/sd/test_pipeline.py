@@ -93,7 +93,7 @@ def test_symplectic_saved_bytes_are_flat_in_n(pipe, vision, reference):
     for method in ("symplectic", "backprop"):
         for n in (1, 2, 4):
             ts = sk.time_grid(model.schedule, 0.7, 0.0, n)
-            report = sk.profile_gradient(model, latent_loss, z, ts, method=method, cond=cond)
+            report = sk.lab.profile_gradient(model, latent_loss, z, ts, method=method, cond=cond)
             saved[method, n] = report.saved_bytes
     state = z.numel() * z.element_size()
     assert 0 <= saved["symplectic", 4] - saved["symplectic", 1] <= 3 * state

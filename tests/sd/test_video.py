@@ -142,7 +142,7 @@ def test_symplectic_saved_bytes_are_flat_in_n(pipe, vision, reference):
     for method in ("symplectic", "backprop"):
         for n in (1, 2, 3):
             ts = sk.time_grid(model.schedule, 0.7, 0.0, n)
-            report = sk.profile_gradient(model, latent_loss, z, ts, method=method, cond=cond)
+            report = sk.lab.profile_gradient(model, latent_loss, z, ts, method=method, cond=cond)
             assert report.complete
             saved[method, n] = report.saved_bytes
     state = z.numel() * z.element_size()
@@ -162,7 +162,7 @@ def test_decoding_holds_one_chunk_of_activations(pipe, vision, reference):
 
     def saved_bytes(fn, x):
         leaf = x.clone().requires_grad_()
-        return sk.profile(
+        return sk.lab.profile(
             lambda: torch.autograd.grad(fn(leaf).sum(), leaf), exclude=list(vae.parameters())
         ).saved_bytes
 
