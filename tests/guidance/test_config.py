@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from helpers import RoundingChain, exit_code, pair_bound, rel, roundoff_bound
 
 import sagkit as sk
+from sagkit.core import checks
 from sagkit.guidance import losses, sampler
 from sagkit.guidance.config import DEFAULTS, OPTIONS, GuidanceConfig
 from sagkit.guidance.methods import GUIDANCE, GuidanceMethod
@@ -303,6 +305,46 @@ def test_an_engine_object_with_its_budget(digits_model, classifier, x_T):
 
 
 # --- the design, read from the code --------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance", ["sag", "backward", "tfg"])
+def test_a_bound_run_checks_nothing(monkeypatch, digits_model, classifier, x_T, guidance):
+    """Checks at the edge only: once a configuration is bound, the loop (sampler, method,
+    engine, solver) calls no check of sagkit.core.checks and builds no GuidanceConfig (whose
+    construction checks every field); its value checks are the deferred ``require``s. The
+    network's own edge stays: ``DiffusersModel.eps`` checks x, t and cond at every call
+    (metadata and deferred values, no host–device sync), since users call it directly."""
+    calls, in_network = [], []
+
+    def recording(name, check):
+        def recorded(*args, **kwargs):
+            if not in_network:
+                calls.append(name)
+            return check(*args, **kwargs)
+
+        return recorded
+
+    for module in [m for n, m in sys.modules.items() if n.startswith("sagkit")]:
+        for name, value in list(vars(module).items()):
+            if name.startswith("check_") and getattr(value, "__module__", "") == checks.__name__:
+                monkeypatch.setattr(module, name, recording(name, value))
+    network = sk.DiffusersModel.eps
+
+    def network_edge(self, *args, **kwargs):
+        in_network.append(True)
+        try:
+            return network(self, *args, **kwargs)
+        finally:
+            in_network.pop()
+
+    monkeypatch.setattr(sk.DiffusersModel, "eps", network_edge)
+    config = GuidanceConfig(guidance=guidance, steps=4, window=(0.0, 1.0))
+    monkeypatch.setattr(GuidanceConfig, "__post_init__", lambda self: calls.append("config"))
+    null = digits_model.null_cond.to(x_T).expand(x_T.shape[0], -1)  # unconditional sampling
+    run = config.bind(digits_model, losses.target_class(classifier, 3), cond=null)
+    calls.clear()
+    x = sampler.run_guided(run, x_T, generator=torch.Generator().manual_seed(0), progress=False)
+    assert calls == [] and bool(torch.isfinite(x).all())
 
 
 def test_the_loop_compares_no_name_or_rule():
