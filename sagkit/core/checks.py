@@ -301,10 +301,12 @@ def check_gradients(grads, names, *, method: str) -> None:
 
 def check_folder(path, name: str) -> Path:
     """``path`` as a folder to write files to, created (with its parents) if missing; refuses a
-    value that is not a path, an existing file, and a folder that cannot be created or written
-    to, naming ``name``."""
+    value that is not a path, an empty path, an existing file, and a folder that cannot be
+    created or written to, naming ``name``."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{name} must be a folder path (a str or path), got {path!r}")
+    if not os.fspath(path).strip():  # Path("") is the current folder: never meant
+        raise ValueError(f"{name} must name a folder, got an empty path {os.fspath(path)!r}")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{name}: {str(folder)!r} is a file, not a folder")

@@ -67,8 +67,8 @@ def augment(
 
 def _check_out(out, overwrite_shipped: bool) -> None:
     """Refuse to write into the shipped weights (``DATA_DIR``) unless asked explicitly."""
-    if out is None:
-        raise ValueError("out must name an output directory")
+    if out is None or not str(out).strip():  # "" would be the current folder
+        raise ValueError(f"out must name an output directory, got {out!r}")
     target = Path(out).resolve()
     shipped = DATA_DIR.resolve()
     if (target == shipped or shipped in target.parents) and not overwrite_shipped:

@@ -245,9 +245,10 @@ del _method
 def estimate_times(times: Sequence[float], k: int, n: int, *, grid: str, schedule) -> torch.Tensor:
     """The grid of the n-step estimate at step k of a base sampler with times ``times``.
 
-    "to-zero": ``time_grid(schedule, t_k, 0, n)``. "sampler": n + 1 points evenly in index
-    (rounded down) from the evaluation times t_k … t_{K−1}, K = len(times) − 1; all of them
-    when fewer remain; [t_k, 0] when n = 1 or only t_k remains. float64, (m + 1,).
+    "to-zero": ``time_grid(schedule, t_k, 0, n)``. "sampler": n + 1 points evenly in index,
+    t_{k + ⌊j (M − 1)/n⌋}, from the M evaluation times t_k … t_{K−1}, K = len(times) − 1 (in
+    exact integers; SAG's code rounds a float linspace, which can land one index lower); all
+    of them when fewer remain; [t_k, 0] when n = 1 or only t_k remains. float64, (m + 1,).
 
     (docs/maths.md §8.2)
     """
@@ -257,8 +258,11 @@ def estimate_times(times: Sequence[float], k: int, n: int, *, grid: str, schedul
     remaining = torch.as_tensor(times[k:-1], dtype=torch.float64)  # t_k … t_{K−1}
     if n == 1 or remaining.numel() == 1:
         return torch.tensor([t, 0.0], dtype=torch.float64)
-    points = min(n + 1, remaining.numel())
-    index = torch.linspace(0, remaining.numel() - 1, points, dtype=torch.long)  # rounded down
+    points, m = min(n + 1, remaining.numel()), remaining.numel()
+    # index ⌊j (M − 1)/n'⌋, j = 0 … n', n' = points − 1, in integers: SAG's code takes
+    # torch.linspace(0, M − 1, n' + 1, dtype=long), whose float steps can land one below
+    # (M = 59, n = 14: 28 for ⌊7 · 58/14⌋ = 29), and differ between devices
+    index = torch.div(torch.arange(points) * (m - 1), points - 1, rounding_mode="floor")
     return remaining[index]
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "build_parser",
     "SUBCOMMANDS",
     "positive_int",
+    "folder_path",
     "one_line_errors",
     "run_command",
     "add_guidance_options",
@@ -52,6 +53,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def folder_path(text: str) -> Path:
+    """An ``argparse`` type: a folder path, not empty (``--out ""`` would be the current
+    folder, which nobody means)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got an empty path {text!r}")
+    return Path(text)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -156,7 +165,9 @@ def add_report(subparsers) -> None:
         "a report.md that embeds them.",
     )
     p.add_argument("--fast", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
-    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.add_argument(
+        "--out", type=folder_path, default="report", help="output folder (default: report)"
+    )
     p.add_argument(
         "--sections", nargs="+", choices=list(SECTIONS), default=None, help="default: all"
     )
@@ -256,6 +267,7 @@ def add_sample(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**64) (default: 0)")
     p.add_argument(
         "--out",
+        type=folder_path,
         default="samples",
         help="output folder (default: samples); each image NAME.png has a NAME.json beside it "
         "recording how to reproduce it",
@@ -331,7 +343,7 @@ def add_train(subparsers) -> None:
     )
     p.add_argument("target", choices=["digits", "digits-unet", "digits-classifier"])
     p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps of each model")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=folder_path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--evaluate",

@@ -198,6 +198,18 @@ def test_estimate_grids():
         ]
 
 
+def test_the_sampler_grid_is_the_formula_in_integers():
+    """t_{k + ⌊j (M − 1)/n⌋}, j = 0 … n, for every n < M ≤ 129 (docs/maths.md §8.2), where
+    SAG's torch.linspace(..., dtype=long) can land one index lower (M = 59 or 117, n = 14)."""
+    for m in range(2, 130):
+        times = torch.arange(m + 1, 0, -1, dtype=torch.float64) / (m + 1)  # M evaluation times
+        for n in range(2, m):
+            got = estimate_times(times.tolist(), 0, n, grid="sampler", schedule=None)
+            assert got.tolist() == [times[j * (m - 1) // n].item() for j in range(n + 1)], (m, n)
+    for m in (59, 117):  # the disagreement the integer formula removes
+        assert torch.linspace(0, m - 1, 15, dtype=torch.long)[7] == 7 * (m - 1) // 14 - 1
+
+
 def test_repeat_schedules():
     guided = [False, True, True, False]
     assert repeat_schedule(2, guided) == [1, 2, 2, 1]

@@ -76,6 +76,18 @@ def test_train_refuses_the_shipped_weights(capsys):
     assert "--overwrite-shipped" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize(
+    "command", [["train", "digits-classifier", "--steps", "1"], ["report"], ["sample", "a fox"]]
+)
+def test_an_empty_out_is_refused_before_any_work(capsys, monkeypatch, tmp_path, command):
+    """``--out ""`` is not the current folder: nothing is trained or written there."""
+    monkeypatch.chdir(tmp_path)
+    assert run(main, [*command, "--out", ""]) == 2
+    line = one_line_error(capsys)
+    assert "--out" in line and "must name a folder" in line and "''" in line, line
+    assert not any(tmp_path.iterdir())
+
+
 def test_report_keeps_finished_sections_and_records_a_failure(monkeypatch, tmp_path, capsys):
     from sagkit.lab import report
 
