@@ -242,8 +242,8 @@ class FlowSchedule(Schedule):
     ode = VelocityFrame
 
     def __init__(self, *, shift: float = 1.0, num_train_timesteps=None, t_min: float = 1e-3):
-        if not shift > 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+        if not 0 < shift < math.inf:  # an infinite shift makes σ NaN (∞/∞) at every t
+            raise ValueError(f"shift must be a positive finite number, got {shift}")
         self.shift = float(shift)
         self.name = f"rectified(shift={self.shift:g})"
         self.num_train_timesteps = num_train_timesteps

@@ -126,7 +126,8 @@ def beam_search(
     """The beam search of the module docstring: lowest ``score`` over positive scales.
 
     ``score(candidates)`` returns one number per candidate (a round at a time, so a caller
-    can evaluate them together); ``start`` {name: value > 0}. NaN scores rank last.
+    can evaluate them together); ``start`` {name: value > 0}. NaN scores rank last; a
+    search whose every score is NaN is refused (``ValueError``), not returned as tuned.
     """
     _check_search(start, budget=budget, beam=beam, refine=refine)
     start = {k: float(v) for k, v in start.items()}
@@ -166,6 +167,11 @@ def beam_search(
         round_ += bool(added)
         if not added or min(_rank(v) for _, v, _ in history) >= before:
             phi = math.sqrt(phi)
+    if all(math.isnan(v) for _, v, _ in history):  # the start point would look tuned
+        raise ValueError(
+            f"every one of the {len(history)} candidates scored NaN (from start {start}): "
+            "nothing was tuned; check the score (a loss or a sample holding NaN)"
+        )
     best = kept()[0]
     return BeamResult(best, next(s for c, s, _ in history if c is best), history)
 

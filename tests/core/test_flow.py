@@ -1,8 +1,8 @@
 """Rectified flow (SD3's and FLUX's schedule): the schedule, the velocity frame, the mixture's
 exact velocity, and solves that start at t = 1 where α = 0 (docs/maths.md §1.5, §2.5, §4.3).
 
-The exactness tests that run under both schedules (engines against backprop, AdjointDEIS
-orders, estimates) take the ``mixture`` fixture, which is parametrised over VP and flow."""
+The exactness tests elsewhere take the ``mixture`` fixture (the VP schedule), and run under the
+flow too where the flow changes the code path (``BOTH_SCHEDULES`` in tests/helpers.py)."""
 
 import math
 
@@ -61,8 +61,9 @@ def test_from_diffusers_visits_the_schedulers_sigmas():
     )
     with pytest.raises(TypeError, match="not a flow-matching scheduler"):
         sk.FlowSchedule.from_diffusers(DDPMScheduler())
-    with pytest.raises(ValueError, match="shift must be positive"):
-        sk.FlowSchedule.rectified(shift=0.0)
+    for shift in (0.0, -1.0, math.inf, math.nan):  # an infinite shift: σ = ∞/∞, NaN
+        with pytest.raises(ValueError, match="shift must be a positive finite number"):
+            sk.FlowSchedule.rectified(shift=shift)
 
 
 # α = 0 (the prior-mean branch) only under the flow at t = 1; at the other times both schedules

@@ -87,6 +87,15 @@ def test_bad_settings():
         beam_search(score, {"a": 1.0}, refine=1.0)
 
 
+def test_a_search_whose_every_score_is_nan_is_refused():
+    """Not its start point returned as tuned; one NaN among real scores still ranks last."""
+    nan_everywhere, _ = _counting(lambda **v: math.nan)
+    with pytest.raises(ValueError, match="every one of the 5 candidates scored NaN"):
+        beam_search(nan_everywhere, {"a": 1.0}, budget=5)
+    nan_at_start, _ = _counting(lambda **v: math.nan if v["a"] == 1.0 else abs(v["a"] - 4))
+    assert beam_search(nan_at_start, {"a": 1.0}, budget=5).best == {"a": 4.0}
+
+
 def test_tuning_seeds_are_disjoint_from_the_evaluations():
     """The split is part of every derived seed: no tuning sample's initial noise is an
     evaluation sample's, for the same seed or another, at any index."""
