@@ -28,7 +28,14 @@ from .presets import PRESETS
 from .step import GuidanceRun
 from .travel import guidance_window, repeat_schedule
 
-__all__ = ["GuidanceConfig", "DEFAULTS", "OPTIONS", "ESTIMATE_GRIDS", "STEP_SIZES"]
+__all__ = [
+    "GuidanceConfig",
+    "DEFAULTS",
+    "OPTIONS",
+    "ESTIMATE_GRIDS",
+    "STEP_SIZES",
+    "DIFFUSERS_NAMES",
+]
 
 ESTIMATE_GRIDS = ("to-zero", "sampler")
 STEP_SIZES = ("per-sample", "per-batch")
@@ -262,8 +269,19 @@ DEFAULTS = {f.name: f.default for f in fields(GuidanceConfig)}
 """sagkit's defaults of guided sampling (docs/maths.md §8.10 compares them with the papers')."""
 
 
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale"}
+"""The names a diffusers user types for two fields, refused with the field's name (an alias
+would give one setting two names in every sidecar and shard key)."""
+
+
 def _check_names(given: Mapping) -> None:
     unknown = sorted(set(given) - set(OPTIONS))
+    for name in unknown:
+        if name in DIFFUSERS_NAMES:
+            raise TypeError(
+                f"{name} is diffusers' name: sagkit's option is {DIFFUSERS_NAMES[name]} "
+                f"(pass {DIFFUSERS_NAMES[name]}={given[name]!r})"
+            )
     if unknown:
         raise TypeError(
             f"unknown guidance option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

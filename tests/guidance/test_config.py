@@ -307,6 +307,18 @@ def test_an_engine_object_with_its_budget(digits_model, classifier, x_T):
 # --- the design, read from the code --------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "name, field", [("num_inference_steps", "steps"), ("guidance_scale", "cfg_scale")]
+)
+def test_diffusers_names_are_refused_naming_sagkits_option(pipe, name, field):
+    """Not aliases: the error names the field, on the sampler and on a pipeline."""
+    message = rf"{name} is diffusers' name: sagkit's option is {field} \(pass {field}=4\)"
+    with pytest.raises(TypeError, match=message):
+        GuidanceConfig.resolve(**{name: 4})
+    with pytest.raises(TypeError, match=message):
+        GuidedStableDiffusion.from_pipe(pipe)("a fox", progress=False, **{name: 4})
+
+
 @pytest.mark.parametrize("guidance", ["sag", "backward", "tfg"])
 def test_a_bound_run_checks_nothing(monkeypatch, digits_model, classifier, x_T, guidance):
     """Checks at the edge only: once a configuration is bound, the loop (sampler, method,
