@@ -803,6 +803,11 @@ _NAMES = {"sliced_w2": "sliced W2", "energy": "energy distance"}
 _COSTS = {"calls_per_sample": "network calls per sample", "sec_per_sample": "seconds per sample"}
 
 
+def _polyline(ax, rows: Sequence[Mapping], cost: str, distance: str, style: str, **line) -> None:
+    """The rows' (cost, distance) points joined by one thin line of ``style``."""
+    ax.plot([r[cost] for r in rows], [r[distance] for r in rows], style, lw=1, **line)
+
+
 def _frontier_point(ax, r: Mapping, cost: str, distance: str, *, colour) -> None:
     """One row of :func:`plot_frontier`: a method in ``colour``, the oracle a black star, a
     reference row an open red diamond, each ± 2 s.e."""
@@ -849,25 +854,11 @@ def plot_frontier(study: Mapping, *, distance: str = "sliced_w2"):
             for r in rows:
                 _frontier_point(ax, r, cost, distance, colour=cmap_index(r["method"]))
             line = frontier(study, task, distance=distance, cost=cost)
-            ax.plot(
-                [p[cost] for p in line],
-                [p[distance] for p in line],
-                "-",
-                color="0.3",
-                lw=1,
-                drawstyle="steps-post",
-                label="frontier",
-            )
+            _polyline(ax, line, cost, distance, "-", color="0.3", drawstyle="steps-post",
+                      label="frontier")  # fmt: skip
             refs = sorted((r for r in rows if r.get("reference")), key=lambda r: r[cost])
             if refs:
-                ax.plot(
-                    [r[cost] for r in refs],
-                    [r[distance] for r in refs],
-                    ":",
-                    color="tab:red",
-                    lw=1,
-                    label="reference (SMC)",
-                )
+                _polyline(ax, refs, cost, distance, ":", color="tab:red", label="reference (SMC)")
             _floor_band(ax, study["floors"][task][distance])
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # 2×10², 3×10², … overlap
